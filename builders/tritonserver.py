@@ -1,0 +1,368 @@
+"""Find, start, wait for and stop a real tritonserver; find a runnable perf_analyzer.
+
+Two installs are supported: a ``tritonserver`` on PATH (NVIDIA's container, backends in its default
+/opt/tritonserver/backends) and the CPU build inside the ``nvidia-pytriton`` wheel. The wheel's
+server needs some preparation before it runs from a plain virtualenv: its Python backend folder has
+no stub for the running interpreter, its libraries sit in ``nvidia_pytriton.libs/``, and the stub
+finds the virtualenv's packages only when the virtualenv's ``bin/`` is first on PATH.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+LOG_TAIL_LINES = 40
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be found, did not become ready, or exited."""
+
+
+def cache_dir() -> Path:
+    """Writable per-user folder for the prepared backend and library links (XDG convention)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genrec"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A runnable tritonserver and what its process needs on top of the current environment."""
+
+    executable: Path
+    backend_directory: Path | None  # None: the server's own default (/opt/tritonserver/backends)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def _pytriton_dir() -> Path | None:
+    # Located without importing pytriton, whose import configures logging as a side effect.
+    found = importlib.util.find_spec("pytriton")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _prepend_path(value: str, existing: str | None) -> str:
+    return f"{value}{os.pathsep}{existing}" if existing else value
+
+
+def _prepare_python_backend(pytriton_dir: Path) -> Path:
+    """Copy the wheel's Python backend with the stub for this interpreter; return the backends folder.
+
+    Idempotent and safe when several processes race: the folder is assembled under a temporary
+    name and renamed into place, so a reader sees either nothing or a complete backend.
+    """
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = (
+        pytriton_dir / "tritonserver" / "python_backend_stubs" / python_version / "triton_python_backend_stub"
+    )
+    if not stub.is_file():
+        raise ServerError(
+            f"nvidia-pytriton has no Python backend stub for Python {python_version} (looked for {stub})"
+        )
+    tag = f"pytriton-{importlib.metadata.version('nvidia-pytriton')}-py{python_version}"
+    backends = cache_dir() / "triton-backends" / tag
+    if (backends / "python" / stub.name).is_file():
+        return backends
+
+    backends.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".python-", dir=backends))
+    shutil.copytree(
+        pytriton_dir / "tritonserver" / "backends" / "python",
+        staging,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    shutil.copy2(stub, staging / stub.name)
+    try:
+        staging.rename(backends / "python")
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(staging)
+    return backends
+
+
+def find_tritonserver() -> TritonInstall:
+    """The ``tritonserver`` on PATH if there is one, else the one bundled in ``nvidia-pytriton``."""
+    on_path = shutil.which("tritonserver")
+    if on_path is not None:
+        return TritonInstall(Path(on_path), backend_directory=None)
+
+    pytriton_dir = _pytriton_dir()
+    if pytriton_dir is None or not (pytriton_dir / "tritonserver" / "bin" / "tritonserver").is_file():
+        raise ServerError(
+            "no tritonserver found: put one on PATH (NVIDIA's container has it) "
+            "or install the bundled CPU build with `pip install nvidia-pytriton==0.7.0`"
+        )
+    libs = pytriton_dir.parent / "nvidia_pytriton.libs"
+    venv_bin = Path(sys.executable).parent  # not resolved: a venv's python is a symlink to the base one
+    return TritonInstall(
+        executable=pytriton_dir / "tritonserver" / "bin" / "tritonserver",
+        backend_directory=_prepare_python_backend(pytriton_dir),
+        env={
+            "LD_LIBRARY_PATH": _prepend_path(str(libs), os.environ.get("LD_LIBRARY_PATH")),
+            "PATH": _prepend_path(str(venv_bin), os.environ.get("PATH")),
+        },
+    )
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> tuple[int, ...]:
+    """``count`` distinct ports that are free now (all held open together so none repeats)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return tuple(s.getsockname()[1] for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: Path
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002  # Prometheus metrics at http://host:metrics_port/metrics
+    log_verbose: int = 0
+    # none: load everything at start; explicit: also load everything, then allow load/unload requests;
+    # poll: reload models whose files change.
+    model_control: Literal["none", "explicit", "poll"] = "none"
+    log_file: Path | None = None  # the server's stdout and stderr; None = a new temporary file
+
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine connects when the server listens on every interface."""
+        return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.host, self.host)
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A pre-exec hook so that the server gets SIGTERM when we die: a killed test run leaves no server.
+
+    libc is loaded here, before the fork, because the child may only make the plain call.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class TritonServer:
+    """One tritonserver process; as a context manager it is started, ready, and stopped on exit."""
+
+    def __init__(self, config: ServerConfig, install: TritonInstall | None = None) -> None:
+        self.config = config
+        self.install = install or find_tritonserver()
+        if config.log_file is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        else:
+            self.log_path = config.log_file
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The gRPC address for ``tritonclient.grpc.InferenceServerClient``."""
+        return f"{self.config.client_host}:{self.config.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def command(self) -> list[str]:
+        c = self.config
+        args = [
+            str(self.install.executable),
+            f"--model-repository={c.repository.resolve()}",
+            f"--grpc-address={c.host}",
+            f"--grpc-port={c.grpc_port}",
+            f"--http-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--metrics-address={c.host}",
+            f"--metrics-port={c.metrics_port}",
+            "--strict-readiness=true",  # ready only once every model is
+            "--exit-on-error=true",  # a model that fails to load stops the server, loudly
+            f"--log-verbose={c.log_verbose}",
+            f"--model-control-mode={c.model_control}",
+        ]
+        if c.model_control == "explicit":
+            args.append("--load-model=*")
+        if self.install.backend_directory is not None:
+            args.append(f"--backend-directory={self.install.backend_directory}")
+        return args
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise ServerError("this server was already started")
+        if not self.config.repository.is_dir():
+            raise ServerError(f"model repository {self.config.repository} is not a directory")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.install.env},
+                # Own process group: a terminal's Ctrl-C reaches us once, and we forward it once.
+                start_new_session=True,
+                preexec_fn=_die_with_parent_hook(),
+            )
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _error(self, message: str) -> ServerError:
+        """The message with the log's error lines (Triton prints the cause long before the end)."""
+        log = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+        errors = [line for line in log.splitlines() if re.match(r"E\d{4} ", line)]
+        return ServerError(
+            f"{message}\n--- errors in {self.log_path} ---\n"
+            + "\n".join(errors[-LOG_TAIL_LINES:])
+            + f"\n--- last lines ---\n{self.log_tail()}"
+        )
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until the server and every model in the repository are ready."""
+        if self._process is None:
+            raise ServerError("start() the server before waiting for it")
+        deadline = time.monotonic() + timeout_s
+        with grpcclient.InferenceServerClient(self.url) as client:
+            while True:
+                returncode = self._process.poll()
+                if returncode is not None:
+                    raise self._error(f"tritonserver exited with code {returncode} before it was ready")
+                try:
+                    if client.is_server_ready(client_timeout=2.0):
+                        break
+                except InferenceServerException:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise self._error(f"tritonserver was not ready after {timeout_s:.0f} s")
+                time.sleep(0.1)
+            names = sorted({m.name for m in client.get_model_repository_index().models})
+            not_ready = [name for name in names if not client.is_model_ready(name)]
+        if not_ready:
+            raise self._error(f"models not ready: {', '.join(not_ready)}")
+
+    def send_signal(self, signum: int) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signum)
+
+    def wait(self) -> int:
+        """Block until the process exits; return its exit code."""
+        if self._process is None:
+            raise ServerError("the server was never started")
+        return self._process.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL to the whole group after ``timeout_s``; always reaps. Exit code or None."""
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                # The group also holds the Python backend stubs, which would outlive a killed server.
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        return self._process.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(config: ServerConfig, ready_callback: Callable[[TritonServer], None] | None = None) -> int:
+    """Run tritonserver in the foreground until it exits or we get SIGINT/SIGTERM; its exit code."""
+    server = TritonServer(config)
+    server.start()
+    forwarded = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: server.send_signal(signum)) for s in forwarded}
+    try:
+        server.wait_ready()
+        host = config.client_host
+        print(
+            f"tritonserver ready (pid {server.pid}): grpc {host}:{config.grpc_port}, "
+            f"http {host}:{config.http_port}, metrics http://{host}:{config.metrics_port}/metrics\n"
+            f"  listening on {config.host}; log: {server.log_path}; Ctrl-C to stop",
+            flush=True,
+        )
+        if ready_callback is not None:
+            ready_callback(server)
+        return server.wait()
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _library_links(libs: Path) -> Path:
+    """A folder of plain-named symlinks to the wheel's hash-named libraries that perf_analyzer needs."""
+    links = cache_dir() / "perf-analyzer-libs"
+    links.mkdir(parents=True, exist_ok=True)
+    for plain, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):
+        matches = sorted(libs.glob(pattern))
+        if not matches:
+            raise ServerError(f"{libs} has no {pattern} for perf_analyzer")
+        staging = links / f".{plain}.{os.getpid()}"
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(matches[-1])
+        staging.replace(links / plain)  # atomic: concurrent callers never see a half-made link
+    return links
+
+
+def find_perf_analyzer() -> tuple[Path, dict[str, str]]:
+    """The perf_analyzer from the tritonclient wheel and the environment to run it in."""
+    candidate = Path(sysconfig.get_path("scripts")) / "perf_analyzer"
+    on_path = shutil.which("perf_analyzer")
+    if candidate.is_file():
+        executable = candidate
+    elif on_path is not None:
+        executable = Path(on_path)
+    else:
+        raise ServerError("perf_analyzer not found: `pip install tritonclient[all]==2.51.0` ships it")
+    env = dict(os.environ)
+    pytriton_dir = _pytriton_dir()
+    if pytriton_dir is not None and (pytriton_dir.parent / "nvidia_pytriton.libs").is_dir():
+        links = _library_links(pytriton_dir.parent / "nvidia_pytriton.libs")
+        env["LD_LIBRARY_PATH"] = _prepend_path(str(links), env.get("LD_LIBRARY_PATH"))
+    return executable, env

@@ -1,0 +1,174 @@
+"""Client-side checks of user input, done once at the boundary.
+
+Each function turns what the caller passed (lists, tuples, numpy arrays, pandas Series) into the
+exact numpy arrays of the wire format, or raises `GenrecError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import GenrecError
+
+_INT64 = np.iinfo(np.int64)
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+@dataclass(frozen=True)
+class History:
+    """One user's validated history, oldest event first; the three arrays have the same length L."""
+
+    item_ids: np.ndarray  # int64 (L,), raw item ids
+    timestamps: np.ndarray  # int64 (L,), unix seconds, non-decreasing
+    actions: np.ndarray  # int64 (L,), >= 0, 0 = unknown
+
+
+def _bad(message: str) -> GenrecError:
+    return GenrecError(message, status="INVALID_ARGUMENT")
+
+
+def _vector(value: Any, field: str) -> np.ndarray:
+    """Any 1-D sequence -> a 1-D numpy array; python ints beyond int64 are refused, not wrapped."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise _bad(f"{field} must be a 1-D sequence of numbers, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for i, x in enumerate(value):
+            if isinstance(x, int) and not isinstance(x, bool) and not _INT64.min <= x <= _INT64.max:
+                raise _bad(f"{field}[{i}]={x} is outside the int64 range")
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"{field} must be a 1-D sequence of numbers: {exc}") from None
+    if array.ndim != 1:
+        raise _bad(f"{field} must be 1-D, got shape {array.shape}")
+    return array
+
+
+def _first(array: np.ndarray, field: str) -> str:
+    return f"{field}[0]={array[0]!r}" if array.size else f"{field}=[]"
+
+
+def _int64(array: np.ndarray, field: str) -> np.ndarray:
+    """An integer array -> int64 (L,); floats, bools, strings and objects are refused."""
+    kind = array.dtype.kind
+    if kind == "i" or (kind == "f" and array.size == 0):
+        return array.astype(np.int64, copy=False)
+    if kind == "u":
+        if array.size and int(array.max()) > _INT64.max:
+            i = int(np.argmax(array > _INT64.max))
+            raise _bad(f"{field}[{i}]={int(array[i])} is outside the int64 range")
+        return array.astype(np.int64)
+    raise _bad(f"{field} must be integers, got dtype {array.dtype} ({_first(array, field)})")
+
+
+def item_ids(value: Any, field: str) -> np.ndarray:
+    """Raw item ids -> int64 (L,), L >= 1."""
+    ids = _int64(_vector(value, field), field)
+    if ids.size == 0:
+        raise _bad(f"{field} is empty: at least one item id is needed")
+    return ids
+
+
+def timestamps(value: Any, length: int, field: str) -> np.ndarray:
+    """Unix seconds (integers, or finite floats rounded to the second) -> int64 (L,), non-decreasing."""
+    array = _vector(value, field)
+    if array.shape[0] != length:
+        raise _bad(f"{field} has {array.shape[0]} values but the history has {length} items")
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            raise _bad(f"{field}[{i}]={array[i]} is not a finite number")
+        array = np.rint(array)
+        outside = (array < _INT64.min) | (array >= 2.0**63)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise _bad(f"{field}[{i}]={array[i]} is outside the int64 range of unix seconds")
+        array = array.astype(np.int64)
+    seconds = _int64(array, field)
+    decreasing = np.diff(seconds) < 0
+    if decreasing.any():
+        i = int(np.argmax(decreasing)) + 1
+        raise _bad(
+            f"{field} must be non-decreasing (oldest event first): "
+            f"{field}[{i}]={seconds[i]} < {field}[{i - 1}]={seconds[i - 1]}"
+        )
+    return seconds
+
+
+def actions(value: Any, length: int, field: str) -> np.ndarray:
+    """Action/rating codes -> int64 (L,), each >= 0 (0 = unknown)."""
+    array = _vector(value, field)
+    if array.shape[0] != length:
+        raise _bad(f"{field} has {array.shape[0]} values but the history has {length} items")
+    codes = _int64(array, field)
+    negative = codes < 0
+    if negative.any():
+        i = int(np.argmax(negative))
+        raise _bad(f"{field}[{i}]={codes[i]} is negative (0 means unknown)")
+    return codes
+
+
+def history(
+    user_seq: Any,
+    timestamps_: Any | None,
+    actions_: Any | None,
+    *,
+    now: int,
+    fields: tuple[str, str, str] = ("user_seq", "timestamps", "actions"),
+) -> History:
+    """The full history; missing timestamps are all ``now`` (zero time gaps), missing actions are 0."""
+    seq_field, ts_field, act_field = fields
+    ids = item_ids(user_seq, seq_field)
+    n = ids.shape[0]
+    ts = np.full(n, now, dtype=np.int64) if timestamps_ is None else timestamps(timestamps_, n, ts_field)
+    act = np.zeros(n, dtype=np.int64) if actions_ is None else actions(actions_, n, act_field)
+    return History(ids, ts, act)
+
+
+def k(value: Any, field: str = "k") -> int:
+    """A positive integer that fits the INT32 `k` input."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _bad(f"{field} must be a positive integer, got {value!r}")
+    if not 1 <= int(value) <= _INT32_MAX:
+        raise _bad(f"{field} must be a positive integer (at most {_INT32_MAX}), got {int(value)}")
+    return int(value)
+
+
+def flag(value: Any, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise _bad(f"{field} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def per_user(value: Any | None, n_users: int, field: str) -> list[Any | None]:
+    """A batch argument given per user (or None for all users) -> one entry per user."""
+    if value is None:
+        return [None] * n_users
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise _bad(f"{field} must be a sequence with one entry per user, got {value!r}")
+    if len(value) != n_users:
+        raise _bad(f"{field} has {len(value)} entries but there are {n_users} users")
+    return list(value)
+
+
+def n_users(user_seqs: Any) -> int:
+    """The number of users of a batch call (at least one)."""
+    if isinstance(user_seqs, (str, bytes)) or not hasattr(user_seqs, "__len__"):
+        raise _bad(f"user_seqs must be a sequence of histories, got {user_seqs!r}")
+    if len(user_seqs) == 0:
+        raise _bad("user_seqs is empty: at least one user is needed")
+    return len(user_seqs)
+
+
+def settings(timeout_s: Any, retries: Any, concurrency: Any) -> None:
+    """The client's constructor arguments."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < np.inf:
+        raise _bad(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise _bad(f"retries must be an integer >= 0, got {retries!r}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise _bad(f"concurrency must be an integer >= 1, got {concurrency!r}")

@@ -1,0 +1,214 @@
+"""The `genrec` command line: train, eval, build, serve, demo, bench.
+
+Each verb builds a typed config from its flags and calls library code; `main(argv)` is callable from tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        default="ml-100k",
+        help="'ml-100k' (bundled real data), 'synthetic', a MovieLens ratings.dat / ratings.csv, "
+        "or any .csv / .parquet log (see --user-col etc.). Default: ml-100k",
+    )
+    group.add_argument("--user-col", default="user_id", help="user column of a generic table")
+    group.add_argument("--item-col", default="item_id", help="item column of a generic table")
+    group.add_argument("--time-col", default="timestamp", help="timestamp column (unix seconds or datetimes)")
+    group.add_argument("--rating-col", default=None, help="optional rating/action column")
+    group.add_argument("--min-user-interactions", type=int, default=5, help="drop users with fewer events")
+
+
+def _data_config(args: argparse.Namespace):
+    from genrec.training.datasets import ColumnMapping
+    from genrec.training.prepare import DataConfig
+    from genrec.training.sequences import PreprocessConfig
+
+    return DataConfig(
+        source=args.data,
+        columns=ColumnMapping(args.user_col, args.item_col, args.time_col, args.rating_col),
+        preprocess=PreprocessConfig(min_user_interactions=args.min_user_interactions),
+    )
+
+
+def _add_train(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser(
+        "train",
+        help="train HSTU (or SASRec) and write a checkpoint",
+        description="Train a generative recommender on an interaction log with leave-one-out evaluation. "
+        "Writes <out>/checkpoint (weights, config, vocabulary, metrics) and <out>/metrics.csv per epoch. "
+        "Multi-GPU / multi-node: run under `torchrun --nproc_per_node N -m genrec.cli train ...`.",
+    )
+    _add_data_arguments(p)
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--model", choices=["hstu", "sasrec"], default="hstu")
+    g.add_argument("--preset", choices=["paper", "reference", "tiny"], default="paper",
+                   help="sizes: paper = HSTU paper's MovieLens setting (d=50, 2 layers), reference = d=128, "
+                   "4 layers, 8 heads, length 512; tiny = seconds on a laptop")
+    g.add_argument("--max-len", type=int, default=None, help="override the preset's maximum history length")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--patience", type=int, default=5, help="early stopping on validation NDCG@10")
+    g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--exclude-history", action="store_true",
+                   help="drop history items from the ranking (default: the HSTU paper's protocol keeps them)")
+    g.add_argument("--out", type=Path, default=Path("runs/hstu"))
+    g.add_argument("--resume", action="store_true", help="continue from <out>/trainer_state.pt")
+    g.add_argument("--no-progress", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from genrec.training.metrics import EvalConfig
+        from genrec.training.prepare import run_training
+        from genrec.training.trainer import TrainConfig
+
+        config = TrainConfig(
+            model=args.model, preset=args.preset, max_len=args.max_len, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, patience=args.patience, max_minutes=args.max_minutes,
+            seed=args.seed, device=args.device, out=args.out, resume=args.resume, progress=not args.no_progress,
+            eval=EvalConfig(exclude_history=args.exclude_history),
+        )
+        metrics = run_training(_data_config(args), config)
+        from genrec.training.report import print_metrics
+
+        print_metrics(metrics)
+        print(f"checkpoint: {args.out / 'checkpoint'}")
+        return 0
+
+    return run
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its data's leave-one-out test split",
+                       description="Full-ranking and sampled (100 negatives) metrics of a checkpoint; "
+                       "for HSTU also the two-stage pipeline (retrieve, then re-rank).")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    _add_data_arguments(p)
+    p.add_argument("--exclude-history", action="store_true")
+    p.add_argument("--split", choices=["test", "valid"], default="test")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def run(args: argparse.Namespace) -> int:
+        from genrec.training.prepare import evaluate_checkpoint
+        from genrec.training.report import print_metrics
+
+        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args), args.split, args.exclude_history)
+        print(json.dumps(metrics, indent=2)) if args.json else print_metrics(metrics)
+        return 0
+
+    return run
+
+
+def _add_build(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("build", help="turn a checkpoint into a Triton model repository",
+                       description="Write user_encoder, item_retrieval, candidate_scorer and the recommend / rank / "
+                       "retrieve ensembles. A new build of the same model adds a version.")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--runtime", choices=["torch", "onnx", "tensorrt"], default="torch")
+    p.add_argument("--retrieve-k", type=int, default=100, help="retrieval depth before re-ranking")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--instances", type=int, default=1, help="model instances per composing model")
+    p.add_argument("--no-dynamic-batching", action="store_true")
+    p.add_argument("--faiss", choices=["none", "ivf", "hnsw"], default="none",
+                   help="approximate retrieval index for large catalogues (default: exact brute force)")
+
+    def run(args: argparse.Namespace) -> int:
+        from genrec.builders.build import BuildConfig, build_repository
+
+        config = BuildConfig(
+            checkpoint=args.checkpoint, repository=args.repository, runtime=args.runtime,
+            retrieve_k=args.retrieve_k, max_batch_size=args.max_batch_size, instances=args.instances,
+            dynamic_batching=not args.no_dynamic_batching, faiss=args.faiss,
+        )
+        version = build_repository(config)
+        print(f"built {args.repository} (version {version}, runtime {args.runtime})")
+        return 0
+
+    return run
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> Handler:
+    from genrec.builders import serve
+
+    p = sub.add_parser("serve", help="start tritonserver on a model repository",
+                       description="Starts the tritonserver on PATH, else the one bundled in the nvidia-pytriton "
+                       "wheel; waits until every model is ready; binds to 127.0.0.1 unless --host says otherwise.")
+    serve.add_arguments(p)
+    return serve.run
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("demo", help="end to end: train on MovieLens-100K, build, serve, recommend",
+                       description="Trains a small HSTU on MovieLens-100K, builds the Triton repository, starts the "
+                       "server, calls recommend() for a real user over gRPC and prints the movie titles.")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-minutes", type=float, default=4.0)
+    p.add_argument("--user", default=None, help="raw user id to recommend for (default: a random test user)")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
+
+    def run(args: argparse.Namespace) -> int:
+        from genrec.demo import DemoConfig, run_demo
+
+        return run_demo(DemoConfig(workdir=args.workdir, repository=args.repository, epochs=args.epochs,
+                                   max_minutes=args.max_minutes, user=args.user, runtime=args.runtime))
+
+    return run
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("bench", help="serving benchmarks: perf_analyzer sweeps, locust, overhead",
+                       description="Builds repositories, starts the server and writes tables and plots under "
+                       "benchmarks/results/.")
+    p.add_argument("--quick", action="store_true", help="smaller sweep")
+
+    def run(args: argparse.Namespace) -> int:
+        from genrec.benchmarks.serving import main as bench_main
+
+        return bench_main(["--quick"] if args.quick else [])
+
+    return run
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    parser = argparse.ArgumentParser(
+        prog="genrec",
+        description="Generative recommendations (HSTU) trained in PyTorch and served by NVIDIA Triton.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="{train,eval,build,serve,demo,bench}")
+    handlers = {
+        "train": _add_train(sub),
+        "eval": _add_eval(sub),
+        "build": _add_build(sub),
+        "serve": _add_serve(sub),
+        "demo": _add_demo(sub),
+        "bench": _add_bench(sub),
+    }
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    return handlers[args.verb](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The one batch type for variable-length histories, used from training to serving."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded histories, padded only to the batch's own maximum length.
+
+    Dense item ids start at 1; 0 is padding. Actions are 0 where unknown.
+    """
+
+    items: Tensor  # (B, T) int64
+    timestamps: Tensor  # (B, T) int64, unix seconds
+    actions: Tensor  # (B, T) int64
+    lengths: Tensor  # (B,) int64, 1 <= lengths <= T
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.items.shape[0])
+
+    @property
+    def max_len(self) -> int:
+        return int(self.items.shape[1])
+
+    def valid_mask(self) -> Tensor:
+        """(B, T) bool: True on real events."""
+        positions = torch.arange(self.max_len, device=self.items.device)
+        return positions[None, :] < self.lengths[:, None]
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(
+            self.items.to(device),
+            self.timestamps.to(device),
+            self.actions.to(device),
+            self.lengths.to(device),
+        )
+
+    def last_timestamps(self) -> Tensor:
+        """(B,) the timestamp of each history's last event."""
+        return self.timestamps.gather(1, (self.lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+
+    @staticmethod
+    def from_jagged(
+        items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray, offsets: np.ndarray
+    ) -> SequenceBatch:
+        """Values + offsets (as in HSTU / torchrec) -> padded batch. offsets: (B+1,) int64."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        lengths = np.diff(offsets)
+        batch, width = len(lengths), int(lengths.max(initial=0))
+        rows = np.repeat(np.arange(batch), lengths)
+        cols = np.arange(int(offsets[-1]) - int(offsets[0])) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        out = []
+        for values in (items, timestamps, actions):
+            padded = np.zeros((batch, width), dtype=np.int64)
+            padded[rows, cols] = np.asarray(values, dtype=np.int64)[offsets[0] : offsets[-1]]
+            out.append(torch.from_numpy(padded))
+        return SequenceBatch(out[0], out[1], out[2], torch.from_numpy(lengths.astype(np.int64)))
+
+    @staticmethod
+    def from_lists(
+        items: Sequence[Sequence[int]],
+        timestamps: Sequence[Sequence[int]] | None = None,
+        actions: Sequence[Sequence[int]] | None = None,
+    ) -> SequenceBatch:
+        """Convenience for tests and callers holding Python lists, one list per user."""
+        lengths = np.array([len(seq) for seq in items], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+        def flat(rows: Sequence[Sequence[int]] | None) -> np.ndarray:
+            if rows is None:
+                return np.zeros(int(offsets[-1]), dtype=np.int64)
+            return np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0)
+
+        return SequenceBatch.from_jagged(flat(items), flat(timestamps), flat(actions), offsets)

@@ -1,0 +1,303 @@
+"""HSTU, the generative recommender of "Actions Speak Louder than Words" (Zhai et al., ICML 2024).
+
+One layer:  U, V, Q, K = split(SiLU(W · LayerNorm(x)))
+            A = SiLU(Q Kᵀ + rab(position distance, time distance)) / max_len   (causal, no softmax)
+            x = x + W_o · Dropout(LayerNorm(A V) ⊙ U)
+
+The model is written around a per-layer K/V cache so that one set of layer weights serves three paths:
+  * ``prefill``: new events attend to the cached history and causally to each other; their K/V are appended.
+    Without a cache this is the ordinary forward pass. Positions and time gaps are relative, so a returning
+    user costs only the new events (contract 2).
+  * ``score_candidates``: every candidate is one more token at position L whose layers attend to the whole
+    cached history and to itself only (M-FALCON). Candidates never see each other and are never written to
+    the cache, so a candidate's score does not depend on the others (contract 1).
+  * ``forward_with_candidates``: the reference for the above, one masked forward over history + candidates.
+The attention is normalised by the constant ``max_len`` (not by the padded length), which makes results
+exactly independent of batch padding and of how a history was split between prefill calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genrec.training.batch import SequenceBatch
+from genrec.training.embeddings import ItemEncoder
+
+
+@dataclass(frozen=True)
+class HSTUConfig:
+    num_items: int
+    num_actions: int = 1  # action ids 0..num_actions-1, 0 = unknown
+    num_genres: int = 0
+    num_years: int = 0
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    d_qk: int = 64  # per head
+    d_v: int = 64  # per head
+    max_len: int = 200
+    dropout: float = 0.2
+    num_time_buckets: int = 64
+    temperature: float = 0.05  # of the sampled softmax; the scorer starts from the retrieval logit / temperature
+    num_tasks: int = 2  # ranking heads: 0 = engagement (the served score), 1 = high rating
+    score_chunk: int = 512  # candidates scored per chunk, bounds memory for thousands of candidates
+
+
+def paper_ml_preset(num_items: int, **overrides: int) -> HSTUConfig:
+    """The HSTU paper's MovieLens setting (d=50, 2 layers, 1 head, length 200, dropout 0.2)."""
+    base: dict = dict(d_model=50, num_layers=2, num_heads=1, d_qk=50, d_v=50, max_len=200, dropout=0.2)
+    return HSTUConfig(num_items=num_items, **{**base, **overrides})
+
+
+def reference_preset(num_items: int, **overrides: int) -> HSTUConfig:
+    """The serving benchmarks' reference size: d=128, 4 layers, 8 heads, histories up to 512."""
+    base: dict = dict(d_model=128, num_layers=4, num_heads=8, d_qk=16, d_v=16, max_len=512)
+    return HSTUConfig(num_items=num_items, **{**base, **overrides})
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of a batch of histories, right-padded to the batch's maximum."""
+
+    keys: Tensor  # (layers, B, L, H, d_qk)
+    values: Tensor  # (layers, B, L, H, d_v)
+    timestamps: Tensor  # (B, L) int64
+    lengths: Tensor  # (B,) int64
+
+    def select(self, index: Tensor) -> KVCache:
+        """Rows `index` (N,) of the batch, e.g. one copy per cut point in training."""
+        return KVCache(self.keys[:, index], self.values[:, index], self.timestamps[index], self.lengths[index])
+
+    def with_lengths(self, lengths: Tensor) -> KVCache:
+        """The same cache seen as its first `lengths` (B,) events (valid because layers are causal)."""
+        return KVCache(self.keys, self.values, self.timestamps, lengths)
+
+
+def time_bucket(seconds: Tensor, num_buckets: int) -> Tensor:
+    """Log-bucketed absolute time gap, as in HSTU's relative time bias."""
+    gap = seconds.abs().clamp(min=1).to(torch.float32)
+    return (torch.log(gap) / 0.301).long().clamp(max=num_buckets - 1)
+
+
+class RelativeBias(nn.Module):
+    """rab(i, j) = w_pos[position distance] + w_time[bucket(time distance)], shared by the heads.
+
+    The bucket indices are computed once per forward (``buckets``) and shared by every layer's table.
+    """
+
+    def __init__(self, max_len: int, num_time_buckets: int) -> None:
+        super().__init__()
+        self.position = nn.Parameter(torch.zeros(max_len + 1))
+        self.time = nn.Parameter(torch.zeros(num_time_buckets))
+
+    @staticmethod
+    def buckets(distance: Tensor, gap_seconds: Tensor, config: HSTUConfig) -> tuple[Tensor, Tensor]:
+        return distance.clamp(0, config.max_len), time_bucket(gap_seconds, config.num_time_buckets)
+
+    def forward(self, buckets: tuple[Tensor, Tensor]) -> Tensor:
+        return self.position[buckets[0]] + self.time[buckets[1]]
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, config: HSTUConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, dqk, dv = config.num_heads, config.d_qk, config.d_v
+        self.input_norm = nn.LayerNorm(config.d_model)
+        self.uvqk = nn.Linear(config.d_model, h * (2 * dv + 2 * dqk))
+        self.attn_norm = nn.LayerNorm(h * dv)
+        self.out = nn.Linear(h * dv, config.d_model)
+        self.bias = RelativeBias(config.max_len, config.num_time_buckets)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(..., D) -> u (..., H*dv), v (..., H, dv), q (..., H, dqk), k (..., H, dqk)."""
+        h, dqk, dv = self.config.num_heads, self.config.d_qk, self.config.d_v
+        u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        return u, v.unflatten(-1, (h, dv)), q.unflatten(-1, (h, dqk)), k.unflatten(-1, (h, dqk))
+
+    def finish(self, x: Tensor, attended: Tensor, u: Tensor) -> Tensor:
+        """Residual update from the attention output (..., H, dv)."""
+        return x + self.out(self.dropout(self.attn_norm(attended.flatten(-2)) * u))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor) -> Tensor:
+        """Pointwise attention. q (B, Tq, H, dqk), k/v (B, Tk, H, d), bias/mask (B, Tq, Tk) -> (B, Tq, H, dv)."""
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) + bias[:, None]
+        weights = F.silu(scores) * mask[:, None] / self.config.max_len
+        return torch.einsum("bhqk,bkhd->bqhd", self.dropout(weights), v)
+
+
+class HSTU(nn.Module):
+    def __init__(self, config: HSTUConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.items = ItemEncoder(config.num_items, config.d_model, config.num_genres, config.num_years)
+        self.actions = nn.Embedding(config.num_actions, config.d_model)
+        nn.init.normal_(self.actions.weight, std=0.1 * config.d_model**-0.5)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_layers))
+        self.rank_head = nn.Sequential(
+            nn.LayerNorm(config.d_model),
+            nn.Linear(config.d_model, config.d_model),
+            nn.SiLU(),
+            nn.Linear(config.d_model, config.num_tasks),
+        )
+
+    @property
+    def blocks(self) -> list[HSTULayer]:
+        return cast(list[HSTULayer], list(self.layers))
+
+    # ---- tokens -------------------------------------------------------------------------------------------
+
+    def embed(self, items: Tensor, actions: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, D) input tokens."""
+        tokens = self.items(items) * math.sqrt(self.config.d_model) + self.actions(actions)
+        return self.input_dropout(tokens)
+
+    def item_table(self) -> Tensor:
+        """(N+1, D) L2-normalised item embeddings: the retrieval index."""
+        return self.items.table()
+
+    # ---- prefill: history -> K/V cache + user embedding ----------------------------------------------------
+
+    def prefill(self, batch: SequenceBatch, cache: KVCache | None = None) -> tuple[KVCache, Tensor]:
+        """Encode new events on top of an optional cache.
+
+        batch: the new events (B, N), right-padded, >= 1 per row. cache: the same users' earlier events.
+        Returns the cache of all events and the user embedding (B, D), L2-normalised, at the last event.
+        """
+        outputs, new_cache = self._run_layers(batch, cache)
+        last = (batch.lengths - 1).clamp(min=0)
+        user = outputs[torch.arange(batch.batch_size, device=last.device), last]
+        return new_cache, F.normalize(user, dim=-1)
+
+    def user_embedding(self, batch: SequenceBatch) -> Tensor:
+        """(B, T) history -> (B, D) user embedding at each history's last event."""
+        return self.prefill(batch)[1]
+
+    def encode(self, batch: SequenceBatch) -> Tensor:
+        """(B, T) history -> (B, T, D) L2-normalised user embeddings after every prefix (training)."""
+        return self.encode_with_cache(batch)[0]
+
+    def encode_with_cache(self, batch: SequenceBatch) -> tuple[Tensor, KVCache]:
+        """Training: every prefix's user embedding (B, T, D) and the K/V of all events."""
+        outputs, cache = self._run_layers(batch, None)
+        return F.normalize(outputs, dim=-1), cache
+
+    def _run_layers(self, batch: SequenceBatch, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        b, n = batch.items.shape
+        device = batch.items.device
+        cached = cache.lengths if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
+        total = cached + batch.lengths  # (B,)
+        width = int(total.max())
+        # Where each new event lands in the combined (cached + new) sequence.
+        new_pos = cached[:, None] + torch.arange(n, device=device)[None, :]  # (B, N)
+        new_pos = torch.where(batch.valid_mask(), new_pos, width)  # padding goes to a scratch column
+        rows = torch.arange(b, device=device)[:, None]
+
+        def combine(old: Tensor | None, new: Tensor) -> Tensor:
+            """Scatter new (B, N, ...) after each row's cached part of old (B, L, ...) -> (B, width, ...)."""
+            out = new.new_zeros((b, width + 1, *new.shape[2:]))
+            if old is not None:
+                keep = min(old.shape[1], width)
+                out[:, :keep] = old[:, :keep]
+            out[rows, new_pos] = new
+            return out[:, :width]
+
+        timestamps = combine(cache.timestamps if cache is not None else None, batch.timestamps)
+        key_pos = torch.arange(width, device=device)
+        distance = new_pos[:, :, None] - key_pos[None, None, :]  # (B, N, W)
+        mask = (distance >= 0) & (key_pos[None, None, :] < total[:, None, None])
+        buckets = RelativeBias.buckets(distance, batch.timestamps[:, :, None] - timestamps[:, None, :], self.config)
+
+        x = self.embed(batch.items, batch.actions)
+        keys, values = [], []
+        for i, layer in enumerate(self.blocks):
+            u, v, q, k = layer.project(x)
+            k_all = combine(cache.keys[i] if cache is not None else None, k)
+            v_all = combine(cache.values[i] if cache is not None else None, v)
+            x = layer.finish(x, layer.attend(q, k_all, v_all, layer.bias(buckets), mask.float()), u)
+            keys.append(k_all)
+            values.append(v_all)
+        return x, KVCache(torch.stack(keys), torch.stack(values), timestamps, total)
+
+    # ---- candidate scoring against the cache ---------------------------------------------------------------
+
+    def score_candidates(
+        self, cache: KVCache, user: Tensor, candidates: Tensor, request_time: Tensor | None = None
+    ) -> Tensor:
+        """Score candidates (B, C) against each user's cached history -> logits (B, C, num_tasks).
+
+        Task 0 is the served score: the retrieval logit <user, item> plus the ranking head's correction.
+        ``request_time`` (B,) defaults to the last event's time. Candidates are processed in chunks.
+        """
+        if request_time is None:
+            request_time = cache.timestamps.gather(1, (cache.lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        chunks = [
+            self._score_chunk(cache, user, chunk, request_time)
+            for chunk in candidates.split(self.config.score_chunk, dim=1)
+        ]
+        return torch.cat(chunks, dim=1)
+
+    def _score_chunk(self, cache: KVCache, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
+        width = cache.keys.shape[2]
+        key_pos = torch.arange(width, device=candidates.device)
+        valid = (key_pos[None, :] < cache.lengths[:, None]).float()  # (B, L)
+        distance = cache.lengths[:, None] - key_pos[None, :]  # candidate sits at position L
+        hist_buckets = RelativeBias.buckets(distance, request_time[:, None] - cache.timestamps, self.config)
+        zero = torch.zeros(1, dtype=torch.long, device=candidates.device)
+        self_buckets = RelativeBias.buckets(zero, zero, self.config)
+        x = self.embed(candidates, torch.zeros_like(candidates))  # (B, C, D), action unknown
+        for i, layer in enumerate(self.blocks):
+            u, v, q, k = layer.project(x)
+            hist_bias = layer.bias(hist_buckets)[:, None, None, :]  # (B, 1, 1, L)
+            self_bias = layer.bias(self_buckets)
+            hist = F.silu(torch.einsum("bchd,blhd->bchl", q, cache.keys[i]) + hist_bias) * valid[:, None, None, :]
+            own = F.silu((q * k).sum(-1) + self_bias)  # (B, C, H)
+            scale = 1.0 / self.config.max_len
+            attended = torch.einsum("bchl,blhd->bchd", layer.dropout(hist * scale), cache.values[i])
+            attended = attended + layer.dropout(own * scale)[..., None] * v
+            x = layer.finish(x, attended, u)
+        return self._head(x, user, candidates)
+
+    def _head(self, x: Tensor, user: Tensor, candidates: Tensor) -> Tensor:
+        retrieval = torch.einsum("bd,bcd->bc", user, F.normalize(self.items(candidates), dim=-1))
+        logits = self.rank_head(x)
+        engagement = logits[..., :1] + retrieval[..., None] / self.config.temperature
+        return torch.cat([engagement, logits[..., 1:]], dim=-1)
+
+    def forward_with_candidates(self, batch: SequenceBatch, candidates: Tensor) -> Tensor:
+        """Reference: one masked forward over history + candidates (B, C) -> logits (B, C, num_tasks).
+
+        Quadratic in L + C; the serving path is ``prefill`` + ``score_candidates``.
+        """
+        b, n = batch.items.shape
+        c = candidates.shape[1]
+        device = batch.items.device
+        request_time = batch.last_timestamps()
+        items = torch.cat([batch.items, candidates], dim=1)
+        actions = torch.cat([batch.actions, torch.zeros_like(candidates)], dim=1)
+        times = torch.cat([batch.timestamps, request_time[:, None].expand(b, c)], dim=1)
+        hist_pos = torch.arange(n, device=device)[None, :].expand(b, n)
+        positions = torch.cat([hist_pos, batch.lengths[:, None].expand(b, c)], dim=1)  # candidates at L
+        is_cand = torch.cat([torch.zeros(b, n, dtype=torch.bool, device=device),
+                             torch.ones(b, c, dtype=torch.bool, device=device)], dim=1)
+        valid = torch.cat([batch.valid_mask(), torch.ones(b, c, dtype=torch.bool, device=device)], dim=1)
+        distance = positions[:, :, None] - positions[:, None, :]
+        index = torch.arange(n + c, device=device)
+        history_key = ~is_cand[:, None, :] & (distance >= 0) & valid[:, None, :]  # never a candidate
+        own_key = (index[:, None] == index[None, :])[None]  # a candidate sees itself, no other candidate
+        mask = history_key | own_key
+        buckets = RelativeBias.buckets(distance, times[:, :, None] - times[:, None, :], self.config)
+        x = self.embed(items, actions)
+        for layer in self.blocks:
+            u, v, q, k = layer.project(x)
+            x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask.float()), u)
+        outputs = F.normalize(x[torch.arange(b, device=device), batch.lengths - 1], dim=-1)
+        return self._head(x[:, n:], outputs, candidates)

@@ -1,0 +1,100 @@
+"""Training objectives: sampled softmax for retrieval, a target-aware listwise loss for the ranking head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from genrec.training.batch import SequenceBatch
+from genrec.training.hstu import HSTU, KVCache
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    num_negatives: int = 128  # uniform negatives shared by the batch, plus the batch's own targets
+    temperature: float = 0.05
+    rank_cuts: int = 4  # cut points per sequence for the ranking objective
+    rank_hard_negatives: int = 16  # drawn from the current retrieval top-`rank_hard_pool`
+    rank_hard_pool: int = 100
+    rank_uniform_negatives: int = 16
+    rank_weight: float = 1.0
+    rating_weight: float = 0.5  # the second task: does the user rate the true next item highly
+
+
+def next_item_targets(batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+    """Position t predicts item t+1. Returns targets (B, T) and mask (B, T) of positions with a target."""
+    targets = torch.zeros_like(batch.items)
+    targets[:, :-1] = batch.items[:, 1:]
+    mask = batch.valid_mask() & (targets != 0)
+    return targets, mask
+
+
+def sampled_softmax_loss(
+    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator
+) -> Tensor:
+    """user (P, D) L2-normalised, targets (P,) dense ids, item_table (N+1, D) normalised -> scalar loss.
+
+    Negatives are uniform items plus the batch's distinct targets (in-batch negatives); a negative equal to
+    the row's own target is masked out rather than counted as wrong.
+    """
+    num_items = item_table.shape[0] - 1
+    uniform = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(targets.device)
+    negatives = torch.cat([uniform, targets.unique()])  # (M,)
+    positive_logits = (user * item_table[targets]).sum(-1, keepdim=True)  # (P, 1)
+    negative_logits = user @ item_table[negatives].T  # (P, M)
+    negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([positive_logits, negative_logits], dim=1) / config.temperature
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def ranking_loss(
+    model: HSTU,
+    batch: SequenceBatch,
+    user: Tensor,
+    cache: KVCache,
+    high_rating: Tensor,
+    config: LossConfig,
+    generator: torch.Generator,
+) -> Tensor:
+    """Target-aware objective for the candidate scorer.
+
+    For random cut points c of each sequence, the history is events [0, c) (read from the full forward's
+    cache, exact because layers are causal), the true event c is the positive candidate, and negatives are
+    the current retrieval's hard negatives plus uniform items. Loss = listwise softmax over the candidates
+    (task 0) + BCE of "rated highly" on the positive (task 1, only where the action is known).
+    user (B, T, D) per-prefix user embeddings; high_rating (num_actions,) bool per action id.
+    """
+    device = batch.items.device
+    eligible = (batch.lengths >= 2).nonzero().squeeze(1)
+    if eligible.numel() == 0:
+        return user.sum() * 0.0
+    rows = eligible.repeat_interleave(config.rank_cuts)  # (P,)
+    span = (batch.lengths[rows] - 1).float()
+    cuts = 1 + (torch.rand(rows.shape[0], generator=generator).to(device) * span).long()  # c in [1, len-1]
+    positives = batch.items[rows, cuts]
+    history_user = user[rows, cuts - 1]  # (P, D)
+    table = model.item_table()
+    with torch.no_grad():
+        retrieval = history_user @ table.T
+        retrieval[:, 0] = float("-inf")
+        pool = retrieval.topk(min(config.rank_hard_pool, table.shape[0] - 1), dim=1).indices
+        pick = torch.randint(0, pool.shape[1], (rows.shape[0], config.rank_hard_negatives), generator=generator)
+        hard = pool.gather(1, pick.to(device))
+    uniform = torch.randint(1, table.shape[0], (rows.shape[0], config.rank_uniform_negatives), generator=generator)
+    candidates = torch.cat([positives[:, None], hard, uniform.to(device)], dim=1)  # (P, 1 + M)
+    request_time = batch.timestamps[rows, cuts - 1]
+    logits = model.score_candidates(cache.select(rows).with_lengths(cuts), history_user, candidates, request_time)
+    engagement = logits[..., 0]
+    accidental = (candidates[:, 1:] == positives[:, None])
+    engagement = torch.cat([engagement[:, :1], engagement[:, 1:].masked_fill(accidental, float("-inf"))], dim=1)
+    loss = config.rank_weight * F.cross_entropy(engagement, torch.zeros_like(positives))
+    actions = batch.actions[rows, cuts]
+    known = actions != 0
+    if config.rating_weight > 0 and bool(known.any()):
+        labels = high_rating[actions].float()
+        rating_logit = logits[:, 0, 1]
+        loss = loss + config.rating_weight * F.binary_cross_entropy_with_logits(rating_logit[known], labels[known])
+    return loss

@@ -1,0 +1,71 @@
+"""From a data source to trained checkpoints and evaluations: the glue the CLI and benchmarks call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genrec.training.checkpoint import load_checkpoint
+from genrec.training.datasets import (
+    ColumnMapping,
+    Interactions,
+    SyntheticConfig,
+    load_ml100k,
+    load_movielens_ratings,
+    load_table,
+    synthetic,
+)
+from genrec.training.metrics import EvalConfig
+from genrec.training.sequences import (
+    LeaveOneOut,
+    PreprocessConfig,
+    SequenceData,
+    build_sequences,
+    leave_one_out,
+)
+from genrec.training.trainer import TrainConfig, test_metrics, train
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "ml-100k"  # ml-100k | synthetic | a ratings.dat / ratings.csv | any .csv / .parquet log
+    columns: ColumnMapping = field(default_factory=ColumnMapping)  # for generic tables
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+def load_interactions(config: DataConfig) -> Interactions:
+    if config.source == "ml-100k":
+        return load_ml100k()
+    if config.source == "synthetic":
+        return synthetic(config.synthetic)
+    path = Path(config.source)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {config.source!r}: no such file (or use 'ml-100k' / 'synthetic')")
+    if path.name.startswith("ratings.") and path.suffix in (".dat", ".csv"):
+        return load_movielens_ratings(path)
+    return load_table(path, config.columns)
+
+
+def prepare(config: DataConfig) -> tuple[SequenceData, LeaveOneOut, str]:
+    log = load_interactions(config)
+    data = build_sequences(log, config.preprocess)
+    return data, leave_one_out(data), log.name
+
+
+def run_training(data_config: DataConfig, config: TrainConfig) -> dict[str, Any]:
+    data, split, name = prepare(data_config)
+    return train(config, data, split.train, split.valid, split.test, data_name=name)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, data_config: DataConfig, split_name: str = "test", exclude_history: bool = False
+) -> dict[str, Any]:
+    """Re-evaluate a checkpoint on its data. The data must give the same vocabulary as at training time."""
+    model, meta = load_checkpoint(checkpoint)
+    data, split, _ = prepare(data_config)
+    if len(data.item_vocab) != len(meta.item_raw_ids) or (data.item_vocab.raw_ids != meta.item_raw_ids).any():
+        raise ValueError(f"{checkpoint} was trained on other data: its item vocabulary differs from {data_config.source}")
+    config = TrainConfig(model=meta.model_type, eval=EvalConfig(exclude_history=exclude_history))
+    return test_metrics(model, split.test if split_name == "test" else split.valid, config)

@@ -1,0 +1,345 @@
+"""Interaction log -> per-user time-ordered sequences of dense ids -> leave-one-out splits -> batches.
+
+Everything is jagged (values + offsets, one row per user) until a batch is cut, and a batch is padded
+only to its own longest history (`SequenceBatch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from genrec.training.batch import SequenceBatch
+from genrec.training.datasets import Interactions
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Raw id <-> dense index. Dense index 0 is padding; raw_ids[i] has dense index i + 1."""
+
+    raw_ids: np.ndarray  # (N,) sorted unique raw ids (int64, or object array of str)
+
+    def __len__(self) -> int:
+        return len(self.raw_ids)
+
+    @property
+    def num_embeddings(self) -> int:
+        """N + 1: the embedding table's rows, padding included."""
+        return len(self) + 1
+
+    @property
+    def is_str(self) -> bool:
+        return self.raw_ids.dtype == object
+
+    def to_dense(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(M,) raw ids -> ((M,) int64 dense ids, 0 where unknown; (M,) bool known)."""
+        raw = np.asarray(raw)
+        if self.is_str:
+            query, usable = raw.astype(str).astype(object), np.ones(raw.shape, dtype=bool)
+        elif raw.dtype.kind in "iu":
+            query, usable = raw.astype(np.int64), np.ones(raw.shape, dtype=bool)
+        else:  # e.g. "42" sent for an integer vocabulary
+            numbers = pd.to_numeric(pd.Series(raw.ravel()), errors="coerce").to_numpy(np.float64)
+            numbers = numbers.reshape(raw.shape)
+            usable = np.isfinite(numbers) & (numbers % 1 == 0)
+            query = np.where(usable, numbers, 0).astype(np.int64)
+        if len(self) == 0:
+            return np.zeros(raw.shape, dtype=np.int64), np.zeros(raw.shape, dtype=bool)
+        position = np.minimum(np.searchsorted(self.raw_ids, query), len(self) - 1)  # (M,)
+        known = usable & (self.raw_ids[position] == query)
+        return np.where(known, position + 1, 0).astype(np.int64), known
+
+    def to_raw(self, dense: np.ndarray) -> np.ndarray:
+        """(M,) dense ids in 1..N -> (M,) raw ids."""
+        dense = np.asarray(dense, dtype=np.int64)
+        if dense.size and (dense.min() < 1 or dense.max() > len(self)):
+            raise ValueError(
+                f"dense ids must be in 1..{len(self)} (0 is padding), got {dense.min()}..{dense.max()}"
+            )
+        return self.raw_ids[dense - 1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "str" if self.is_str else "int", "raw_ids": self.raw_ids.tolist()}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Vocabulary:
+        if d["kind"] == "str":
+            return Vocabulary(np.array([str(x) for x in d["raw_ids"]], dtype=object))
+        return Vocabulary(np.asarray(d["raw_ids"], dtype=np.int64))
+
+
+def action_ids(ratings: np.ndarray, action_values: np.ndarray) -> np.ndarray:
+    """(M,) raw ratings -> (M,) int64 action ids: the nearest of action_values (A,), as 1..A; NaN -> 0.
+
+    The same function maps ratings in training and at serving, so the two cannot drift apart.
+    """
+    r = np.asarray(ratings, dtype=np.float64)
+    if len(action_values) == 0:
+        return np.zeros(r.shape, dtype=np.int64)
+    values = np.asarray(action_values, dtype=np.float64)
+    hi = np.clip(np.searchsorted(values, r), 0, len(values) - 1)
+    lo = np.maximum(hi - 1, 0)
+    nearest = np.where(np.abs(r - values[lo]) <= np.abs(values[hi] - r), lo, hi)
+    return np.where(np.isfinite(r), nearest + 1, 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Histories:
+    """Per-user event histories, jagged: user u's events are values[offsets[u]:offsets[u + 1]]."""
+
+    users: np.ndarray  # (U,) raw user ids
+    offsets: np.ndarray  # (U+1,) int64
+    items: np.ndarray  # (E,) int64 dense item ids (>= 1)
+    timestamps: np.ndarray  # (E,) int64 unix seconds
+    actions: np.ndarray  # (E,) int64 action ids (0 unknown)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def lengths(self) -> np.ndarray:
+        """(U,) int64."""
+        return np.diff(self.offsets)
+
+    def slice(self, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Histories:
+        """Events [starts[i], ends[i]) of user rows[i] (absolute positions in the values), re-packed."""
+        lengths = ends - starts  # (R,)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (R+1,)
+        index = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])  # (E',)
+        return Histories(
+            self.users[rows], offsets, self.items[index], self.timestamps[index], self.actions[index]
+        )
+
+    def batch(self, rows: np.ndarray, max_len: int | None = None) -> SequenceBatch:
+        """The histories of `rows`, each cut to its most recent `max_len` events."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        if max_len is not None:
+            starts = np.maximum(starts, ends - max_len)
+        cut = self.slice(rows, starts, ends)
+        return SequenceBatch.from_jagged(cut.items, cut.timestamps, cut.actions, cut.offsets)
+
+    def to_batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, max_len: int | None = None
+    ) -> Iterator[SequenceBatch]:
+        """All users in batches of `batch_size` (the last may be smaller); pass the epoch as `seed`."""
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size], max_len)
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """Histories of B users and the one next event of each that the model must rank first."""
+
+    history: SequenceBatch
+    rows: np.ndarray  # (B,) int64 row of each user in its Split
+    target_items: Tensor  # (B,) int64 dense ids
+    target_timestamps: Tensor  # (B,) int64
+    target_actions: Tensor  # (B,) int64
+
+
+@dataclass(frozen=True)
+class Split:
+    """Histories + one held-out next event per user.
+
+    valid: history = all but the last 2 events, target = the 2nd-to-last;
+    test: history = all but the last, target = the last.
+    """
+
+    histories: Histories
+    target_items: np.ndarray  # (U,) int64 dense ids
+    target_timestamps: np.ndarray  # (U,) int64
+    target_actions: np.ndarray  # (U,) int64
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+    def to_batches(self, batch_size: int, max_len: int | None = None) -> Iterator[EvalBatch]:
+        """Users in order, histories cut to their most recent `max_len` events."""
+        for start in range(0, len(self), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(self)))
+            yield EvalBatch(
+                self.histories.batch(rows, max_len),
+                rows,
+                torch.from_numpy(self.target_items[rows]),
+                torch.from_numpy(self.target_timestamps[rows]),
+                torch.from_numpy(self.target_actions[rows]),
+            )
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """The standard protocol: train on all but the last 2 events (every position predicts the next),
+    validate on the 2nd-to-last, test on the last."""
+
+    train: Histories
+    valid: Split
+    test: Split
+
+
+@dataclass(frozen=True)
+class SequenceData:
+    """Per-user time-ordered sequences, jagged (values + offsets), with the item-side features."""
+
+    users: np.ndarray  # (U,) raw user ids, sorted
+    offsets: np.ndarray  # (U+1,) int64
+    items: np.ndarray  # (E,) int64 dense item ids (>= 1)
+    timestamps: np.ndarray  # (E,) int64 unix seconds
+    actions: np.ndarray  # (E,) int64 action ids: 0 unknown, 1..A = nearest of action_values
+    item_vocab: Vocabulary
+    num_actions: int  # A + 1, counting 0 = unknown
+    action_values: np.ndarray  # (A,) float32 sorted rating value of each action id 1..A
+    item_genres: np.ndarray  # (N+1, G) float32 multi-hot genres per dense item, row 0 zeros; G may be 0
+    item_years: np.ndarray  # (N+1,) int64 year id per dense item, 0 unknown
+    year_values: np.ndarray  # (Y,) int64 sorted year of each year id 1..Y
+    genre_names: tuple[str, ...]  # (G,)
+    item_titles: np.ndarray  # (N+1,) object str, '' when unknown
+
+    def lengths(self) -> np.ndarray:
+        """(U,) int64."""
+        return np.diff(self.offsets)
+
+    def sequence(self, u: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Items, timestamps, actions of user row u, oldest first."""
+        lo, hi = int(self.offsets[u]), int(self.offsets[u + 1])
+        return self.items[lo:hi], self.timestamps[lo:hi], self.actions[lo:hi]
+
+    def action_ids(self, ratings: np.ndarray) -> np.ndarray:
+        """(M,) raw ratings -> (M,) int64 action ids, exactly as in training."""
+        return action_ids(ratings, self.action_values)
+
+    def histories(self) -> Histories:
+        """The full sequences as Histories (for serving or recommending after the test event)."""
+        return Histories(self.users, self.offsets, self.items, self.timestamps, self.actions)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Which users and items to keep and how finely to keep ratings.
+
+    Items with fewer than `min_item_interactions` events are dropped first (one pass, not an iterated
+    k-core), then users with fewer than `min_user_interactions` (>= 3, so leave-one-out keeps a history).
+    More distinct ratings than `max_actions` are bucketed into that many quantiles.
+    """
+
+    min_user_interactions: int = 5
+    min_item_interactions: int = 0
+    max_actions: int = 10
+
+    def __post_init__(self) -> None:
+        if self.min_user_interactions < 3:
+            raise ValueError(
+                f"min_user_interactions must be >= 3 for leave-one-out, got {self.min_user_interactions}"
+            )
+        if self.max_actions < 1:
+            raise ValueError(f"max_actions must be >= 1, got {self.max_actions}")
+
+
+def _counts(values: np.ndarray) -> np.ndarray:
+    """(M,) how often each entry's value occurs in `values`."""
+    codes, _ = pd.factorize(values)
+    return np.bincount(codes)[codes]
+
+
+def _action_values(ratings: np.ndarray, max_actions: int) -> np.ndarray:
+    """(A,) float32: the distinct ratings, or `max_actions` quantiles of them when there are more."""
+    finite = ratings[np.isfinite(ratings)]
+    distinct = np.unique(finite)
+    if len(distinct) <= max_actions:
+        return distinct.astype(np.float32)
+    levels = (np.arange(max_actions) + 0.5) / max_actions
+    return np.unique(np.quantile(finite, levels, method="inverted_cdf")).astype(np.float32)
+
+
+def _item_side(
+    features: pd.DataFrame | None, vocab: Vocabulary
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Titles (N+1,), year ids (N+1,), year values (Y,), multi-hot genres (N+1, G) and genre names."""
+    n = len(vocab)
+    titles = np.full(n + 1, "", dtype=object)
+    if features is None:
+        return titles, np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros((n + 1, 0), np.float32), ()
+    aligned = features.reindex(pd.Index(vocab.raw_ids)).reset_index(drop=True)  # row i = dense id i + 1
+
+    if "title" in aligned:
+        titles[1:] = aligned["title"].fillna("").astype(str).to_numpy(dtype=object)
+
+    years = np.zeros(n + 1, dtype=np.int64)
+    if "year" in aligned:
+        years[1:] = aligned["year"].fillna(0).to_numpy(np.int64)
+    year_values = np.unique(years[years > 0])
+    item_years = np.where(years > 0, np.searchsorted(year_values, years) + 1, 0).astype(np.int64)
+
+    flat = aligned["genres"].explode().dropna() if "genres" in aligned else pd.Series([], dtype=object)
+    names = np.array(sorted(set(flat)), dtype=object)  # (G,)
+    genres = np.zeros((n + 1, len(names)), dtype=np.float32)
+    genres[flat.index.to_numpy() + 1, np.searchsorted(names, flat.to_numpy(dtype=object))] = 1.0
+    return titles, item_years, year_values, genres, tuple(str(g) for g in names)
+
+
+def build_sequences(log: Interactions, config: PreprocessConfig = PreprocessConfig()) -> SequenceData:
+    """Filter rare items and users, give items dense ids, order each user's events by time.
+
+    Equal timestamps keep their order in the log (stable sorts), so a rerun gives the same sequences.
+    """
+    rows = np.arange(len(log.user))
+    if config.min_item_interactions > 0:
+        rows = rows[_counts(log.item[rows]) >= config.min_item_interactions]
+    rows = rows[_counts(log.user[rows]) >= config.min_user_interactions]
+    if len(rows) == 0:
+        raise ValueError(f"{log.name}: no user has {config.min_user_interactions} or more interactions")
+
+    user_codes, users = pd.factorize(log.user[rows], sort=True)
+    item_codes, item_ids = pd.factorize(log.item[rows], sort=True)
+    order = np.argsort(log.timestamp[rows], kind="stable")
+    order = order[np.argsort(user_codes[order], kind="stable")]  # by user, then time, then log order
+
+    counts = np.bincount(user_codes, minlength=len(users))
+    vocab = Vocabulary(np.asarray(item_ids))
+    if log.rating is None:
+        action_values = np.zeros(0, dtype=np.float32)
+        actions = np.zeros(len(rows), dtype=np.int64)
+    else:
+        ratings = log.rating[rows][order]
+        action_values = _action_values(ratings, config.max_actions)
+        actions = action_ids(ratings, action_values)
+    titles, item_years, year_values, genres, genre_names = _item_side(log.item_features, vocab)
+    return SequenceData(
+        users=np.asarray(users),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        items=(item_codes[order] + 1).astype(np.int64),
+        timestamps=log.timestamp[rows][order].astype(np.int64),
+        actions=actions,
+        item_vocab=vocab,
+        num_actions=len(action_values) + 1,
+        action_values=action_values,
+        item_genres=genres,
+        item_years=item_years,
+        year_values=year_values,
+        genre_names=genre_names,
+        item_titles=titles,
+    )
+
+
+def leave_one_out(data: SequenceData) -> LeaveOneOut:
+    """Split every user's sequence: train = all but the last 2, valid target = 2nd-to-last, test = last."""
+    full = data.histories()
+    rows = np.arange(len(full))
+    starts, ends = data.offsets[:-1], data.offsets[1:]
+
+    def held_out(k: int) -> Split:
+        target = ends - k  # (U,) position of each user's target event
+        return Split(
+            full.slice(rows, starts, target),
+            data.items[target],
+            data.timestamps[target],
+            data.actions[target],
+        )
+
+    return LeaveOneOut(train=full.slice(rows, starts, ends - 2), valid=held_out(2), test=held_out(1))
