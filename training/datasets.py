@@ -148,7 +148,9 @@ def _read_csv(
         if match is None:
             raise source.error(str(e)) from e
         want, line, saw = match.groups()
-        raise DataFormatError(source.path, f"expected {want} fields{separated}, got {saw}", int(line)) from None
+        raise DataFormatError(
+            source.path, f"expected {want} fields{separated}, got {saw}", int(line)
+        ) from None
 
 
 def _check_columns(frame: pd.DataFrame, wanted: list[str], source: _Source) -> None:
@@ -275,16 +277,16 @@ def _read_dat(path: Path, names: list[str]) -> pd.DataFrame:
     if b"\t" in raw:
         line = raw[: raw.index(b"\t")].count(b"\n") + 1
         raise DataFormatError(path, "unexpected tab character in a '::'-separated file", line)
-    expected = " separated by '::'"
+    separated = " separated by '::'"
     frame = _read_csv(
-        source, io.BytesIO(raw.replace(b"::", b"\t")), expected, sep="\t", header=None, names=names
+        source, io.BytesIO(raw.replace(b"::", b"\t")), separated, sep="\t", header=None, names=names
     )
     short = frame[names[-1]].isna().to_numpy()
     if short.any():  # pandas pads short rows with NaN; count the fields of the first one for the message
         row = _first(short)
         text = raw.split(b"\n")[row].decode("utf-8", errors="replace").rstrip("\r")
         got = len(text.split("::")) if text else 0
-        raise source.error(f"expected {len(names)} fields{expected}, got {got}", row)
+        raise source.error(f"expected {len(names)} fields{separated}, got {got}", row)
     return frame
 
 

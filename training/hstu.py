@@ -193,38 +193,39 @@ class HSTU(nn.Module):
     def _run_layers(self, batch: SequenceBatch, cache: KVCache | None) -> tuple[Tensor, KVCache]:
         b, n = batch.items.shape
         device = batch.items.device
-        cached = cache.lengths if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
-        total = cached + batch.lengths  # (B,)
-        width = int(total.max())
-        # Where each new event lands in the combined (cached + new) sequence.
-        new_pos = cached[:, None] + torch.arange(n, device=device)[None, :]  # (B, N)
-        new_pos = torch.where(batch.valid_mask(), new_pos, width)  # padding goes to a scratch column
-        rows = torch.arange(b, device=device)[:, None]
+        if cache is None:  # the plain forward: keys are the events themselves (shape-only, so it exports)
+            total = batch.lengths
+            new_pos = torch.arange(n, device=device)[None, :].expand(b, n)  # (B, N)
+            timestamps = batch.timestamps
+        else:  # new events land after each row's cached events
+            total = cache.lengths + batch.lengths  # (B,)
+            width = int(total.max())
+            new_pos = cache.lengths[:, None] + torch.arange(n, device=device)[None, :]
+            new_pos = torch.where(batch.valid_mask(), new_pos, width)  # padding goes to a scratch column
+            rows = torch.arange(b, device=device)[:, None]
 
-        def combine(old: Tensor | None, new: Tensor) -> Tensor:
-            """Scatter new (B, N, ...) after each row's cached part of old (B, L, ...) -> (B, width, ...)."""
-            out = new.new_zeros((b, width + 1, *new.shape[2:]))
-            if old is not None:
-                keep = min(old.shape[1], width)
-                out[:, :keep] = old[:, :keep]
-            out[rows, new_pos] = new
-            return out[:, :width]
+            def combine(old: Tensor, new: Tensor) -> Tensor:
+                """Scatter new (B, N, ...) after each row's cached part of old (B, L, ...) -> (B, width, ...)."""
+                out = new.new_zeros((b, width + 1, *new.shape[2:]))
+                out[:, : old.shape[1]] = old[:, :width]
+                out[rows, new_pos] = new
+                return out[:, :width]
 
-        timestamps = combine(cache.timestamps if cache is not None else None, batch.timestamps)
-        key_pos = torch.arange(width, device=device)
+            timestamps = combine(cache.timestamps, batch.timestamps)
+        key_pos = torch.arange(timestamps.shape[1], device=device)
         distance = new_pos[:, :, None] - key_pos[None, None, :]  # (B, N, W)
-        mask = (distance >= 0) & (key_pos[None, None, :] < total[:, None, None])
+        mask = ((distance >= 0) & (key_pos[None, None, :] < total[:, None, None])).float()
         buckets = RelativeBias.buckets(distance, batch.timestamps[:, :, None] - timestamps[:, None, :], self.config)
 
         x = self.embed(batch.items, batch.actions)
         keys, values = [], []
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
-            k_all = combine(cache.keys[i] if cache is not None else None, k)
-            v_all = combine(cache.values[i] if cache is not None else None, v)
-            x = layer.finish(x, layer.attend(q, k_all, v_all, layer.bias(buckets), mask.float()), u)
-            keys.append(k_all)
-            values.append(v_all)
+            if cache is not None:
+                k, v = combine(cache.keys[i], k), combine(cache.values[i], v)
+            x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask), u)
+            keys.append(k)
+            values.append(v)
         return x, KVCache(torch.stack(keys), torch.stack(values), timestamps, total)
 
     # ---- candidate scoring against the cache ---------------------------------------------------------------

@@ -54,7 +54,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 100
+    warmup_steps: int = 10
     grad_clip: float = 1.0
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     max_minutes: float | None = None  # wall-clock budget for the training loop
@@ -125,6 +125,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns True if it joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -142,6 +150,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
 
     Returns the metrics dict written to ``<out>/checkpoint/metrics.json``.
     """
+    joined = init_distributed()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     is_main = rank == 0
     seed_everything(config.seed)
@@ -178,7 +187,8 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     for epoch in range(start_epoch, config.epochs):
         model.train()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 1009 + rank)
-        batches = list(train_set_batches(train_set, config, epoch))[rank::world]
+        batches = list(train_set_batches(train_set, config, epoch))
+        batches = batches[: max(world, len(batches) // world * world)][rank::world]  # equal step counts per rank
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (config.progress and is_main), leave=False)
         for batch in bar:
@@ -234,6 +244,8 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
             train=asdict(config),
         )
         save_checkpoint(out / "checkpoint", model, meta, metrics)
+    if joined:
+        dist.destroy_process_group()
     return metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ from genrec.training.datasets import (
     DataFormatError,
     Interactions,
     SyntheticConfig,
+    cache_dir,
     load_ml100k,
     load_movielens_ratings,
     load_table,
+    main,
     synthetic,
 )
 from genrec.training.sequences import build_sequences
@@ -128,14 +131,46 @@ def test_table_csv_with_unix_seconds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
     [
-        ("ratings.dat", "1::2::3::4\n1::3::4::5\n1::4::5\n", "ratings.dat:3: expected 4 fields separated by '::', got 3"),
-        ("ratings.dat", "1::2::3::4\n1::3::4::5::6\n", "ratings.dat:2: expected 4 fields separated by '::', got 5"),
-        ("ratings.dat", "1::2::3::4\n\n1::2::3::4\n", "ratings.dat:2: expected 4 fields separated by '::', got 0"),
-        ("ratings.dat", "1::2::3::4\n1::3::4::yesterday\n", "ratings.dat:2: non-integer timestamp 'yesterday'"),
-        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,3,4,x5\n", "ratings.csv:3: non-integer timestamp"),
-        ("ratings.csv", "userId,movieId,rating\n1,2,3\n", "ratings.csv:1: missing column 'timestamp' (available: 'userId'"),
-        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4,5\n", "ratings.csv:2: more fields than columns"),
-        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,4,5\n", "ratings.csv:3: expected 4 fields"),
+        (
+            "ratings.dat",
+            "1::2::3::4\n1::3::4::5\n1::4::5\n",
+            "ratings.dat:3: expected 4 fields separated by '::', got 3",
+        ),
+        (
+            "ratings.dat",
+            "1::2::3::4\n1::3::4::5::6\n",
+            "ratings.dat:2: expected 4 fields separated by '::', got 5",
+        ),
+        (
+            "ratings.dat",
+            "1::2::3::4\n\n1::2::3::4\n",
+            "ratings.dat:2: expected 4 fields separated by '::', got 0",
+        ),
+        (
+            "ratings.dat",
+            "1::2::3::4\n1::3::4::yesterday\n",
+            "ratings.dat:2: non-integer timestamp 'yesterday'",
+        ),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,2,3,4\n1,3,4,x5\n",
+            "ratings.csv:3: non-integer timestamp",
+        ),
+        (
+            "ratings.csv",
+            "userId,movieId,rating\n1,2,3\n",
+            "ratings.csv:1: missing column 'timestamp' (available: 'userId'",
+        ),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,2,3,4,5\n",
+            "ratings.csv:2: more fields than columns",
+        ),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,4,5\n",
+            "ratings.csv:3: expected 4 fields",
+        ),
         ("ratings.dat", "1::2::3::4::5\n", "ratings.dat:1: more fields than columns separated by '::'"),
         ("ratings.dat", "", "ratings.dat: empty file"),
         ("ratings.csv", "userId,movieId,rating,timestamp\n", "ratings.csv: empty file"),
@@ -152,7 +187,10 @@ def test_bad_movielens_files_name_file_and_line(tmp_path: Path, name: str, text:
     ("text", "expected"),
     [
         ("user_id,item_id,timestamp\n1,2,3\n,2,4\n", "events.csv:3: missing value in column 'user_id'"),
-        ("user_id,item_id,timestamp\n1,2,2020-01-01\n1,3,2020-01-02\n1,4,soon\n", "events.csv:4: unparseable timestamp 'soon'"),
+        (
+            "user_id,item_id,timestamp\n1,2,2020-01-01\n1,3,2020-01-02\n1,4,soon\n",
+            "events.csv:4: unparseable timestamp 'soon'",
+        ),
         ("user_id,item\n1,2\n", "events.csv:1: missing column 'item_id' (available: 'user_id', 'item')"),
         ("", "events.csv: empty file"),
     ],
@@ -196,10 +234,22 @@ def test_synthetic_plants_the_successor_rule() -> None:
     successor = counts.argmax(axis=1)
     followed = successor[current] == following
     assert 0.87 < followed.mean() < 0.93  # follow_prob = 0.9, plus a 1-in-200 random jump onto it
-    assert len(np.unique(successor[1:])) == config.num_items  # a permutation: every item has its own successor
+    assert (
+        len(np.unique(successor[1:])) == config.num_items
+    )  # a permutation: every item has its own successor
     # Ratings are high exactly on successor steps.
     assert data.action_values.tolist() == [1, 2, 3, 4, 5]
     assert np.mean(data.actions[1:][pairs][followed] >= 4) > 0.99
     # Popularity is near uniform, so a popularity model stays near chance (10 / num_items).
     share = np.bincount(data.items) / len(data.items)
     assert share.max() < 3 / config.num_items
+
+
+def test_fetch_command_reuses_a_complete_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_ml100k()  # makes sure the shared cache holds the files
+    (tmp_path / "ml-100k").mkdir()
+    for name in ("ml-100k.inter", "ml-100k.user", "ml-100k.item"):
+        shutil.copy(cache_dir() / "ml-100k" / name, tmp_path / "ml-100k" / name)
+    main(["--fetch-ml100k", "--data-dir", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "ml-100k")
+    assert len(load_ml100k(tmp_path)) == 100_000

@@ -69,9 +69,13 @@ def test_ml100k_sequences_and_leave_one_out(ml100k: SequenceData) -> None:
     np.testing.assert_array_equal(split.train.lengths(), ml100k.lengths() - 2)
 
 
-def test_equal_timestamps_keep_log_order() -> None:
-    log = make_log([1, 1, 1, 1, 1], [30, 10, 20, 40, 50], [5, 5, 5, 1, 9])
-    assert raw_sequence(build_sequences(log, PreprocessConfig(min_user_interactions=3)), 0) == [40, 30, 10, 20, 50]
+@pytest.mark.parametrize("scale", [1, 10**9])  # a span past 2**32 takes the two-sort path
+def test_equal_timestamps_keep_log_order(scale: int) -> None:
+    log = make_log(
+        [2, 1, 1, 1, 1, 1, 2], [7, 30, 10, 20, 40, 50, 8], [s * scale for s in [0, 5, 5, 5, 1, 9, 0]]
+    )
+    data = build_sequences(log, PreprocessConfig(min_user_interactions=3))
+    assert raw_sequence(data, 0) == [40, 30, 10, 20, 50]
 
 
 def test_users_sorted_and_sequences_grouped_from_a_shuffled_log() -> None:
@@ -94,7 +98,9 @@ def test_min_interaction_filters() -> None:
         build_sequences(log, PreprocessConfig(min_user_interactions=6))
 
 
-@pytest.mark.parametrize("raw", [np.array([30, 10, 20], dtype=np.int64), np.array(["b", "a", "c"], dtype=object)])
+@pytest.mark.parametrize(
+    "raw", [np.array([30, 10, 20], dtype=np.int64), np.array(["b", "a", "c"], dtype=object)]
+)
 def test_vocabulary_round_trip(raw: np.ndarray) -> None:
     vocab = Vocabulary(np.sort(raw))
     assert len(vocab) == 3 and vocab.num_embeddings == 4
@@ -127,7 +133,9 @@ def test_action_ids() -> None:
     assert data.num_actions == 11 and len(data.action_values) == 10  # 40 distinct ratings -> 10 quantiles
     np.testing.assert_array_equal(data.actions, data.action_ids(np.arange(40) / 4))
     assert data.actions.min() == 1 and data.actions.max() == 10 and np.all(np.diff(data.actions) >= 0)
-    unrated = build_sequences(make_log([1] * 3, [1, 2, 3], [1, 2, 3]), PreprocessConfig(min_user_interactions=3))
+    unrated = build_sequences(
+        make_log([1] * 3, [1, 2, 3], [1, 2, 3]), PreprocessConfig(min_user_interactions=3)
+    )
     assert unrated.num_actions == 1 and unrated.actions.tolist() == [0, 0, 0]
 
 
@@ -149,7 +157,9 @@ def small_data() -> SequenceData:
     lengths = [3, 7, 4]
     user = [u for u, n in enumerate(lengths) for _ in range(n)]
     item = [10 * u + k for u, n in enumerate(lengths) for k in range(n)]
-    return build_sequences(make_log(user, item, list(range(len(user)))), PreprocessConfig(min_user_interactions=3))
+    return build_sequences(
+        make_log(user, item, list(range(len(user)))), PreprocessConfig(min_user_interactions=3)
+    )
 
 
 def test_leave_one_out_targets_and_histories() -> None:
@@ -158,8 +168,14 @@ def test_leave_one_out_targets_and_histories() -> None:
     to_raw = data.item_vocab.to_raw
     assert to_raw(split.test.target_items).tolist() == [2, 16, 23]
     assert to_raw(split.valid.target_items).tolist() == [1, 15, 22]
-    assert split.train.lengths().tolist() == [1, 5, 2] and split.valid.histories.lengths().tolist() == [1, 5, 2]
-    assert to_raw(split.test.histories.items[split.test.histories.offsets[1] : split.test.histories.offsets[2]]).tolist() == [
+    assert split.train.lengths().tolist() == [1, 5, 2] and split.valid.histories.lengths().tolist() == [
+        1,
+        5,
+        2,
+    ]
+    assert to_raw(
+        split.test.histories.items[split.test.histories.offsets[1] : split.test.histories.offsets[2]]
+    ).tolist() == [
         10,
         11,
         12,
