@@ -174,7 +174,8 @@ class HSTU(nn.Module):
         """
         outputs, new_cache = self._run_layers(batch, cache)
         last = (batch.lengths - 1).clamp(min=0)
-        user = outputs[torch.arange(batch.batch_size, device=last.device), last]
+        rows = torch.arange(batch.items.shape[0], device=last.device)  # a shape, not int(): traces dynamic
+        user = outputs[rows, last]
         return new_cache, F.normalize(user, dim=-1)
 
     def user_embedding(self, batch: SequenceBatch) -> Tensor:

@@ -1,0 +1,209 @@
+"""What every benchmark shares: timing with warm-up, the machine and revision, tables, markdown reports."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over the timed repeats (never the warm-up calls)."""
+
+    median_s: float
+    p25: float
+    p75: float
+    samples: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+    @property
+    def iqr_ms(self) -> float:
+        return (self.p75 - self.p25) * 1e3
+
+    def percentile(self, q: float) -> float:
+        """q in [0, 100], linear interpolation between samples."""
+        return percentile(self.samples, q)
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        raise ValueError("percentile of no samples")
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def time_call(
+    fn: Callable[[], object],
+    warmup: int = 2,
+    repeats: int = 7,
+    min_seconds: float = 0.0,
+    max_repeats: int = 1000,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls, continuing (up to
+    ``max_repeats``) until ``min_seconds`` of timed work have accumulated. Median and quartiles, because a
+    shared machine adds one-sided noise that a mean would smear over every result."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    total = 0.0
+    while len(samples) < repeats or (total < min_seconds and len(samples) < max_repeats):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        samples.append(elapsed)
+        total += elapsed
+    return Timing(
+        median_s=statistics.median(samples),
+        p25=percentile(samples, 25),
+        p75=percentile(samples, 75),
+        samples=tuple(samples),
+    )
+
+
+def git_revision() -> str:
+    """Short hash of HEAD, with ``+dirty`` when the working tree has uncommitted changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """One line: CPU model, cores, memory, OS, Python and torch versions."""
+    parts = [f"{cpu_model()}", f"{os.cpu_count()} cores"]
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        parts.append(f"{pages / 2**30:.0f} GiB RAM")
+    except (ValueError, OSError, AttributeError):
+        pass
+    parts.append(f"{platform.system()} {platform.release()}")
+    parts.append(f"Python {platform.python_version()}")
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def command_line() -> str:
+    """How this benchmark was invoked, as a copy-pasteable ``python -m`` line."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *sys.argv[1:]])
+
+
+def fmt(value: object) -> str:
+    """Compact cell text: floats to 3 significant digits (more before the point), everything else as is."""
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    table = RichTable(title=title)
+    for header in headers:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*(fmt(cell) for cell in row))
+    Console().print(table)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A further titled table (and text) in a report."""
+
+    title: str
+    headers: Sequence[str]
+    rows: Sequence[Sequence[object]]
+    text: str = ""
+
+
+def write_markdown(
+    path: Path,
+    title: str,
+    command: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    notes: Sequence[str] = (),
+    sections: Sequence[Section] = (),
+    image: Path | None = None,
+) -> None:
+    """A report: title, how it was produced (command, revision, machine, date), the table, more sections,
+    an optional image (linked relative to the report) and notes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        f"# {title}",
+        "",
+        f"- command: `{command}`",
+        f"- revision: `{git_revision()}`",
+        f"- machine: {machine_description()}",
+        f"- date: {now}",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        if section.text:
+            out += [section.text, ""]
+        out += [markdown_table(section.headers, section.rows), ""]
+    if image is not None:
+        out += [f"![{title}]({os.path.relpath(image, path.parent)})", ""]
+    if notes:
+        out += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    path.write_text("\n".join(out))

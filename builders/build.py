@@ -1,0 +1,228 @@
+"""checkpoint -> a complete, versioned Triton model repository, in one call.
+
+    user_encoder/      prefill: history -> user embedding + per-layer K/V          (Python backend)
+    item_retrieval/    user embedding -> top `retrieve_k` items                    (Python backend)
+    candidate_scorer/  K/V + candidates -> scores                                  (Python backend)
+    top_n/             candidates + scores + k -> the k best                       (Python backend)
+    recommend/         ensemble: user_encoder -> item_retrieval -> candidate_scorer -> top_n
+    rank/              ensemble: user_encoder -> candidate_scorer (caller's candidates)
+    retrieve/          ensemble: user_encoder -> item_retrieval -> top_n
+
+Every build writes version N+1 of every model; the configs serve the newest version. The ensemble wiring
+is the same for every runtime: only the artifacts and the ``runtime`` parameter change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from genrec.builders import handlers as h
+from genrec.builders.model_config import (
+    DynamicBatching,
+    EnsembleSpec,
+    EnsembleStep,
+    InstanceGroup,
+    ModelSpec,
+    TensorSpec,
+    tensor_from_protocol,
+    write_config,
+)
+from genrec.client import protocol
+from genrec.training.checkpoint import load_checkpoint
+from genrec.training.hstu import HSTU, HSTUConfig
+
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "metrics.json")
+COMPOSING = ("user_encoder", "item_retrieval", "candidate_scorer", "top_n")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    checkpoint: Path
+    repository: Path = Path("model_repository")
+    runtime: Literal["torch", "onnx", "tensorrt"] = "torch"
+    retrieve_k: int = 100  # retrieval depth before re-ranking; the largest k a caller may ask for
+    max_batch_size: int = 64  # users per batch in each composing model
+    instances: int = 1
+    dynamic_batching: bool = True
+    max_queue_delay_us: int = 2000  # how long a request may wait for others to share its batch
+    device: str = "cpu"  # cpu or cuda for the torch / onnx runtimes
+    faiss: Literal["none", "ivf", "hnsw"] = "none"
+
+
+def _ragged(name: str, dtype: str, dims: tuple[int, ...]) -> TensorSpec:
+    return TensorSpec(name, dtype, dims, allow_ragged_batch=True)
+
+
+def _history_inputs() -> tuple[TensorSpec, ...]:
+    return tuple(tensor_from_protocol(t, allow_ragged_batch=True) for t in protocol.HISTORY_INPUTS)
+
+
+def _cache_tensors(config: HSTUConfig) -> tuple[TensorSpec, ...]:
+    layers, heads = config.num_layers, config.num_heads
+    return (
+        _ragged(h.USER_EMBEDDING, "FP32", (config.d_model,)),
+        _ragged(h.KV_KEYS, "FP32", (layers, -1, heads * config.d_qk)),
+        _ragged(h.KV_VALUES, "FP32", (layers, -1, heads * config.d_v)),
+        _ragged(h.KV_TIMESTAMPS, "INT64", (-1,)),
+    )
+
+
+def _scalar_input(t: protocol.Tensor) -> TensorSpec:
+    return tensor_from_protocol(t)
+
+
+def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | EnsembleSpec]:
+    """The typed description of every model in the repository."""
+    batching = DynamicBatching(build.max_queue_delay_us) if build.dynamic_batching else None
+    instance_kind = "KIND_GPU" if build.device.startswith("cuda") else "KIND_CPU"
+    groups = (InstanceGroup(build.instances, instance_kind),)
+    runtime = "onnx" if build.runtime in ("onnx", "tensorrt") else "torch"
+
+    def python_model(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], **params: str) -> ModelSpec:
+        return ModelSpec(
+            name=name, inputs=inputs, outputs=outputs, max_batch_size=build.max_batch_size,
+            dynamic_batching=batching, instance_groups=groups,
+            parameters={"handler": name, "runtime": runtime, "device": build.device, **params},
+        )
+
+    cache = _cache_tensors(config)
+    outputs_as_inputs = tuple(TensorSpec(t.name, t.dtype, t.dims) for t in cache)
+    report = protocol.HISTORY_REPORT
+    retrieved = (_ragged(h.RETRIEVED_ITEM_IDS, "INT64", (-1,)), _ragged(h.RETRIEVED_SCORES, "FP32", (-1,)))
+    k, exclude = (_scalar_input(t) for t in protocol.TOP_K_INPUTS)
+    encoder = python_model("user_encoder", _history_inputs(),
+                           outputs_as_inputs + tuple(tensor_from_protocol(t) for t in report))
+    retrieval = python_model(
+        "item_retrieval",
+        (cache[0], _ragged(protocol.HISTORY_ITEM_IDS, "INT64", (-1,)), exclude),
+        tuple(TensorSpec(t.name, t.dtype, t.dims) for t in retrieved),
+        retrieve_k=str(build.retrieve_k),
+    )
+    scorer = python_model(
+        "candidate_scorer",
+        (*cache, _ragged(protocol.CANDIDATE_ITEM_IDS, "INT64", (-1,))),
+        (TensorSpec(protocol.SCORES, "FP32", (-1,)),),
+    )
+    top_n = python_model(
+        "top_n",
+        (retrieved[0], _ragged(h.CANDIDATE_SCORES, "FP32", (-1,)), k),
+        (TensorSpec(protocol.ITEM_IDS, "INT64", (-1,)), TensorSpec(protocol.SCORES, "FP32", (-1,))),
+    )
+    history = {t.name: t.name for t in protocol.HISTORY_INPUTS}
+    cache_map = {t.name: t.name for t in cache}
+    report_map = {t.name: t.name for t in report}
+    # An ensemble must consume every tensor its steps map, so each one maps only what it uses.
+    encode_step = EnsembleStep("user_encoder", history, {**cache_map, **report_map})
+    encode_user_only = EnsembleStep("user_encoder", history, {h.USER_EMBEDDING: h.USER_EMBEDDING, **report_map})
+
+    def ensemble(name: str, steps: tuple[EnsembleStep, ...]) -> EnsembleSpec:
+        endpoint = protocol.ENDPOINTS[name]
+        return EnsembleSpec(
+            name=name,
+            inputs=tuple(tensor_from_protocol(t) for t in endpoint.inputs),
+            outputs=tuple(tensor_from_protocol(t) for t in endpoint.outputs),
+            max_batch_size=build.max_batch_size,
+            steps=steps,
+        )
+
+    retrieval_inputs = {h.USER_EMBEDDING: h.USER_EMBEDDING, protocol.HISTORY_ITEM_IDS: protocol.HISTORY_ITEM_IDS,
+                        protocol.EXCLUDE_SEEN: protocol.EXCLUDE_SEEN}
+    retrieve_ids = EnsembleStep("item_retrieval", retrieval_inputs, {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS})
+    retrieve_step = EnsembleStep(
+        "item_retrieval", retrieval_inputs,
+        {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS, h.RETRIEVED_SCORES: h.RETRIEVED_SCORES},
+    )
+    recommend = ensemble(protocol.RECOMMEND, (
+        encode_step,
+        retrieve_ids,
+        EnsembleStep("candidate_scorer", {**cache_map, protocol.CANDIDATE_ITEM_IDS: h.RETRIEVED_ITEM_IDS},
+                     {protocol.SCORES: h.CANDIDATE_SCORES}),
+        EnsembleStep("top_n", {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS, h.CANDIDATE_SCORES: h.CANDIDATE_SCORES,
+                               protocol.K: protocol.K},
+                     {protocol.ITEM_IDS: protocol.ITEM_IDS, protocol.SCORES: protocol.SCORES}),
+    ))
+    retrieve = ensemble(protocol.RETRIEVE, (
+        encode_user_only,
+        retrieve_step,
+        EnsembleStep("top_n", {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS, h.CANDIDATE_SCORES: h.RETRIEVED_SCORES,
+                               protocol.K: protocol.K},
+                     {protocol.ITEM_IDS: protocol.ITEM_IDS, protocol.SCORES: protocol.SCORES}),
+    ))
+    rank = ensemble(protocol.RANK, (
+        encode_step,
+        EnsembleStep("candidate_scorer", {**cache_map, protocol.CANDIDATE_ITEM_IDS: protocol.CANDIDATE_ITEM_IDS},
+                     {protocol.SCORES: protocol.SCORES}),
+    ))
+    return [encoder, retrieval, scorer, top_n, recommend, rank, retrieve]
+
+
+def next_version(repository: Path) -> int:
+    """One more than the newest version of any model already in the repository."""
+    versions = [int(p.name) for p in repository.glob("*/*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard links keep a repository of several models and versions from copying a big table many times."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def build_repository(build: BuildConfig) -> int:
+    """Write every model of the repository as a new version; returns the version number."""
+    model, meta = load_checkpoint(build.checkpoint)
+    if not isinstance(model, HSTU):
+        raise ValueError(f"{build.checkpoint}: only HSTU checkpoints can be served (got {meta.model_type})")
+    h.Catalogue.from_meta(meta)  # fails early on string ids
+    if not 0 < build.retrieve_k <= len(meta.item_raw_ids):
+        raise ValueError(f"retrieve_k={build.retrieve_k} must be in 1..{len(meta.item_raw_ids)} (the catalogue size)")
+    repository = Path(build.repository)
+    repository.mkdir(parents=True, exist_ok=True)
+    version = next_version(repository)
+    staging = repository / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    artifacts = _write_artifacts(model, build, staging / "artifacts")
+    for spec in model_specs(model.config, build):
+        write_config(spec, staging / spec.name)
+        version_dir = staging / spec.name / str(version)
+        version_dir.mkdir(parents=True)
+        if spec.name in COMPOSING:
+            shutil.copy2(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
+            for source in artifacts.rglob("*"):
+                if source.is_file():
+                    _link_or_copy(source, version_dir / source.relative_to(artifacts))
+    # Move into place model by model: the configs of the new build, the older versions kept beside.
+    for model_dir in sorted(p for p in staging.iterdir() if p.name != "artifacts"):
+        target = repository / model_dir.name
+        target.mkdir(exist_ok=True)
+        shutil.move(str(model_dir / str(version)), str(target / str(version)))
+        shutil.move(str(model_dir / "config.pbtxt"), str(target / "config.pbtxt"))
+    shutil.rmtree(staging)
+    return version
+
+
+def _write_artifacts(model: HSTU, build: BuildConfig, out: Path) -> Path:
+    """What every composing model's version folder holds: the checkpoint, the item table, runtime files."""
+    for name in CHECKPOINT_FILES:
+        source = Path(build.checkpoint) / name
+        if source.exists():
+            _link_or_copy(source, out / "checkpoint" / name)
+    with torch.no_grad():
+        np.save(out / "item_table.npy", model.item_table().numpy().astype(np.float32))
+    if build.runtime in ("onnx", "tensorrt"):
+        from genrec.builders.onnx_export import export_onnx
+
+        export_onnx(Path(build.checkpoint), out / "onnx")
+    if build.runtime == "tensorrt":
+        raise NotImplementedError("the tensorrt runtime is wired by genrec.builders.tensorrt_build")
+    return out
