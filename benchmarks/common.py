@@ -71,6 +71,33 @@ def time_call(
         elapsed = time.perf_counter() - start
         samples.append(elapsed)
         total += elapsed
+    return _timing(samples)
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]], warmup: int = 2, repeats: int = 7, min_seconds: float = 0.0
+) -> list[Timing]:
+    """Time several calls round-robin (one call of each per round), so that they see the same background
+    load: on a shared machine this keeps their *ratio* honest even when the absolute times drift.
+    Runs at least ``repeats`` rounds and until the rounds add up to ``min_seconds``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    total = 0.0
+    while len(samples[0]) < repeats or total < min_seconds:
+        for fn, mine in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            mine.append(elapsed)
+            total += elapsed
+    return [_timing(mine) for mine in samples]
+
+
+def _timing(samples: Sequence[float]) -> Timing:
     return Timing(
         median_s=statistics.median(samples),
         p25=percentile(samples, 25),
@@ -153,7 +180,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*(fmt(cell) for cell in row))
-    Console().print(table)
+    Console(width=220).print(table)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -39,10 +39,10 @@ from genrec.benchmarks.common import (
     Section,
     Timing,
     command_line,
-    fmt,
     machine_description,
     print_table,
     time_call,
+    time_interleaved,
     write_markdown,
 )
 from genrec.training.batch import SequenceBatch
@@ -59,13 +59,15 @@ class KVBenchConfig:
     warmup: int = 2
     repeats: int = 7
     min_seconds: float = 0.5  # keep repeating fast calls until this much timed work
-    nocache_gflop_per_call: float = 6.0  # cap on the no-cache work measured per call (then extrapolated)
+    nocache_gflop_per_call: float = 2.0  # cap on the no-cache work measured per call (then extrapolated)
     nocache_chunk_elements: int = 2**24  # copies x (L+1)^2 x heads attention scores per no-cache chunk
+    threads: int = 0  # torch threads; 0 = all cores
+    compare_one_thread: bool = True  # re-run the two target cases on 1 thread (shared-machine sensitivity)
     seed: int = 0
     out_dir: Path = RESULTS_DIR
 
 
-QUICK = dict(warmup=1, repeats=3, min_seconds=0.0, nocache_gflop_per_call=2.0)
+QUICK = dict(warmup=1, repeats=3, min_seconds=0.0, nocache_gflop_per_call=1.0)
 
 
 # ---- counting ---------------------------------------------------------------------------------------------
@@ -150,48 +152,51 @@ class Row:
     length: int
     num_candidates: int
     cached: Timing
-    nocache_s: float  # extrapolated to all C candidates
-    nocache_measured: int  # candidates actually run per timed call
-    nocache_chunk: int
+    nocache: Timing  # of the candidates actually run, see nocache_measured
+    nocache_measured: int  # candidates run per timed call; the time is scaled by C / this
     cached_flops: int
     nocache_flops: int
 
+    @property
+    def nocache_s(self) -> float:
+        return self.nocache.median_s * self.num_candidates / self.nocache_measured
 
-def nocache_timer(
-    model: HSTU, history: SequenceBatch, cfg: KVBenchConfig
-) -> Callable[[int], tuple[Timing, int, int]]:
-    """Times the no-cache baseline for m candidates: (timing of the m, m actually run, chunk size)."""
+    @property
+    def speedup(self) -> float:
+        return self.nocache_s / self.cached.median_s
+
+
+def nocache_call(
+    model: HSTU, history: SequenceBatch, num_candidates: int, cfg: KVBenchConfig, generator: torch.Generator
+) -> tuple[Callable[[], None], int]:
+    """The no-cache baseline on min(C, budget) candidates: (call, candidates it runs).
+
+    Each candidate gets its own copy of the history; copies run ``chunk`` at a time so the dense
+    (L+1)^2 attention scores stay within ``nocache_chunk_elements``. Every candidate costs the same, so the
+    time of a subset scales linearly to all C.
+    """
     c = model.config
     length = history.max_len
     chunk = max(1, cfg.nocache_chunk_elements // ((length + 1) ** 2 * c.num_heads))
-    memo: dict[tuple[int, int], Timing] = {}
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    budget = max(1, int(cfg.nocache_gflop_per_call * 1e9 // nocache_score_flops(c, length, 1)))
+    measured = min(num_candidates, budget)
+    size = min(chunk, measured)
+    if measured < num_candidates:  # whole chunks only, when extrapolating
+        measured = min(num_candidates, math.ceil(measured / size) * size)
+    copies = repeat_history(history, size)
+    cands = torch.randint(1, c.num_items + 1, (measured, 1), generator=generator)
 
-    def run(num_candidates: int) -> tuple[Timing, int, int]:
-        per_candidate = nocache_score_flops(c, length, 1)
-        budget = max(1, int(cfg.nocache_gflop_per_call * 1e9 // per_candidate))
-        measured = min(num_candidates, budget)
-        size = min(chunk, measured)
-        measured = math.ceil(measured / size) * size if measured < num_candidates else measured
-        if (measured, size) not in memo:
-            copies = repeat_history(history, size)
-            cands = torch.randint(1, c.num_items + 1, (measured, 1), generator=generator)
+    def call() -> None:
+        for start in range(0, measured, size):
+            part = cands[start : start + size]
+            batch = copies if part.shape[0] == size else repeat_history(history, part.shape[0])
+            model.forward_with_candidates(batch, part)
 
-            def call() -> None:
-                for start in range(0, measured, size):
-                    part = cands[start : start + size]
-                    batch = copies if part.shape[0] == size else repeat_history(history, part.shape[0])
-                    model.forward_with_candidates(batch, part)
-
-            memo[(measured, size)] = time_call(
-                call, warmup=1, repeats=max(3, cfg.repeats // 2), min_seconds=cfg.min_seconds
-            )
-        return memo[(measured, size)], measured, size
-
-    return run
+    return call, measured
 
 
 def measure(model: HSTU, cfg: KVBenchConfig) -> tuple[list[Row], list[list[object]]]:
+    """Every (L, C): cached and no-cache timed round-robin, so both see the same background load."""
     c = model.config
     generator = torch.Generator().manual_seed(cfg.seed)
     rows: list[Row] = []
@@ -204,48 +209,56 @@ def measure(model: HSTU, cfg: KVBenchConfig) -> tuple[list[Row], list[list[objec
             [length, prefill.median_ms, prefill.iqr_ms, flops / 1e6, flops / prefill.median_s / 1e9]
         )
         cache, user = model.prefill(history)
-        nocache = nocache_timer(model, history, cfg)
         for num_candidates in cfg.candidates:
             cands = torch.randint(1, c.num_items + 1, (1, num_candidates), generator=generator)
-            cached = time_call(
-                lambda k=cache, u=user, x=cands: model.score_candidates(k, u, x),
-                cfg.warmup,
-                cfg.repeats,
-                cfg.min_seconds,
+            nocache, measured = nocache_call(model, history, num_candidates, cfg, generator)
+            cached_t, nocache_t = time_interleaved(
+                [lambda k=cache, u=user, x=cands: model.score_candidates(k, u, x), nocache],
+                warmup=1,
+                repeats=cfg.repeats,
+                min_seconds=cfg.min_seconds,
             )
-            nc, measured, chunk = nocache(num_candidates)
             row = Row(
                 length,
                 num_candidates,
-                cached,
-                nc.median_s * num_candidates / measured,
+                cached_t,
+                nocache_t,
                 measured,
-                chunk,
                 cached_score_flops(c, length, num_candidates),
                 nocache_score_flops(c, length, num_candidates),
             )
             rows.append(row)
             print(
-                f"L={length:5d} C={num_candidates:5d}  cached {cached.median_ms:9.2f} ms  "
-                f"no-cache {row.nocache_s * 1e3:10.1f} ms ({measured} of {num_candidates} run)",
+                f"L={length:5d} C={num_candidates:5d}  cached {cached_t.median_ms:9.2f} ms  "
+                f"no-cache {row.nocache_s * 1e3:10.1f} ms ({measured} of {num_candidates} run)  "
+                f"speed-up {row.speedup:7.1f}x",
                 flush=True,
             )
     return rows, prefill_rows
 
 
-def measure_incremental(model: HSTU, cfg: KVBenchConfig) -> list[object]:
-    """One new event on top of a cached history vs a full prefill of history + event."""
-    c = model.config
+def measure_incremental(model: HSTU, cfg: KVBenchConfig) -> tuple[Timing, Timing]:
+    """One new event on top of a cached history vs a full prefill of history + event, round-robin."""
     length = cfg.incremental_history
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    full = random_history(length + 1, c.num_items, generator)
+    full = random_history(length + 1, model.config.num_items, generator)
     cache: KVCache = model.prefill(slice_history(full, 0, length))[0]
     event = slice_history(full, length, length + 1)
-    incremental = time_call(lambda: model.prefill(event, cache), cfg.warmup, cfg.repeats, cfg.min_seconds)
-    from_scratch = time_call(lambda: model.prefill(full), cfg.warmup, cfg.repeats, cfg.min_seconds)
+    incremental, from_scratch = time_interleaved(
+        [lambda: model.prefill(event, cache), lambda: model.prefill(full)],
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        min_seconds=cfg.min_seconds,
+    )
+    return incremental, from_scratch
+
+
+def incremental_row(c: HSTUConfig, length: int, threads: int, timings: tuple[Timing, Timing]) -> list[object]:
+    incremental, from_scratch = timings
     inc_flops, full_flops = prefill_flops(c, 1, length), prefill_flops(c, length + 1)
     return [
         f"{length} -> {length + 1}",
+        threads,
         incremental.median_ms,
         incremental.iqr_ms,
         from_scratch.median_ms,
@@ -278,6 +291,7 @@ HEADERS = [
 PREFILL_HEADERS = ["L", "prefill ms", "IQR ms", "MFLOP", "GFLOP/s"]
 INCREMENTAL_HEADERS = [
     "history",
+    "threads",
     "incremental ms",
     "IQR ms",
     "full prefill ms",
@@ -304,7 +318,7 @@ def table_rows(rows: Sequence[Row]) -> list[list[object]]:
                 r.cached.iqr_ms,
                 r.nocache_s * 1e3,
                 run_on,
-                r.nocache_s / r.cached.median_s,
+                r.speedup,
                 r.nocache_flops / r.cached_flops,
                 r.cached_flops / 1e6,
                 r.nocache_flops / 1e9,
@@ -325,7 +339,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     for length in sorted({r.length for r in rows}):
         mine = [r for r in rows if r.length == length]
         cs = [r.num_candidates for r in mine]
-        left.plot(cs, [r.nocache_s / r.cached.median_s for r in mine], "o-", label=f"L={length}")
+        left.plot(cs, [r.speedup for r in mine], "o-", label=f"L={length}")
         line = right.plot(cs, [r.cached.median_ms for r in mine], "o-", label=f"cached, L={length}")[0]
         right.plot(
             cs,
@@ -348,36 +362,69 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     plt.close(fig)
 
 
+THREAD_HEADERS = ["case", "threads", "fast path ms", "slow path ms", "speed-up"]
+
+
 def run(cfg: KVBenchConfig, command: str) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = cfg.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model_config = reference_preset(num_items=cfg.num_items, max_len=cfg.max_len)
     print(
         f"benchmark config: {cfg}\nmodel config: {model_config}\nmachine: {machine_description()}", flush=True
     )
     model = HSTU(model_config).eval()
+    target_case = dataclasses.replace(cfg, lengths=(200,), candidates=(100,))
+    thread_rows: list[list[object]] = []
     with torch.inference_mode():
         peak = matmul_peak_gflops(cfg)
-        print(f"fp32 matmul 2048x2048: {peak:.1f} GFLOP/s", flush=True)
+        print(f"fp32 matmul 2048x2048, {threads} threads: {peak:.1f} GFLOP/s", flush=True)
         rows, prefill_rows = measure(model, cfg)
         incremental = measure_incremental(model, cfg)
+        inc_rows = [incremental_row(model_config, cfg.incremental_history, threads, incremental)]
+        if cfg.compare_one_thread and threads > 1:
+            torch.set_num_threads(1)
+            one_peak = matmul_peak_gflops(cfg)
+            one_rows, _ = measure(model, target_case)
+            one_inc = measure_incremental(model, cfg)
+            torch.set_num_threads(threads)
+            inc_rows.append(incremental_row(model_config, cfg.incremental_history, 1, one_inc))
+            mine = next(r for r in rows if (r.length, r.num_candidates) == (200, 100))
+            for n, row, inc in ((threads, mine, incremental), (1, one_rows[0], one_inc)):
+                thread_rows.append(
+                    ["score L=200, C=100", n, row.cached.median_ms, row.nocache_s * 1e3, row.speedup]
+                )
+                thread_rows.append(
+                    [
+                        f"prefill +1 at L={cfg.incremental_history}",
+                        n,
+                        inc[0].median_ms,
+                        inc[1].median_ms,
+                        inc[1].median_s / inc[0].median_s,
+                    ]
+                )
+            thread_rows.append(["fp32 matmul 2048^2 GFLOP/s", 1, one_peak, "", ""])
 
     body = table_rows(rows)
-    print_table(f"KV-cache scoring, 1 user (fp32 matmul peak {peak:.1f} GFLOP/s)", HEADERS, body)
+    print_table(
+        f"KV-cache scoring, 1 user, {threads} threads (fp32 matmul {peak:.1f} GFLOP/s)", HEADERS, body
+    )
     print_table("Prefill (history -> cache)", PREFILL_HEADERS, prefill_rows)
-    print_table("Incremental prefill: one new event", INCREMENTAL_HEADERS, [incremental])
+    print_table("Incremental prefill: one new event", INCREMENTAL_HEADERS, inc_rows)
+    if thread_rows:
+        print_table("Thread sensitivity of the two targets", THREAD_HEADERS, thread_rows)
 
-    target = next((r for r in rows if (r.length, r.num_candidates) == (200, 100)), None)
     targets = []
+    target = next((r for r in rows if (r.length, r.num_candidates) == (200, 100)), None)
     if target is not None:
-        speedup = target.nocache_s / target.cached.median_s
         targets.append(
-            f"L=200, C=100 cached speed-up {speedup:.0f}x (target >= 20x: {'met' if speedup >= 20 else 'MISSED'})"
+            f"L=200, C=100: cached {target.speedup:.0f}x faster than no-cache "
+            f"(target >= 20x: {'met' if target.speedup >= 20 else 'MISSED'})"
         )
-    inc_speedup = float(incremental[5])  # type: ignore[arg-type]
+    inc_speedup = incremental[1].median_s / incremental[0].median_s
     targets.append(
-        f"incremental prefill at L={cfg.incremental_history} speed-up {inc_speedup:.0f}x "
-        f"(target >= 50x: {'met' if inc_speedup >= 50 else 'MISSED'})"
+        f"incremental prefill of one event at L={cfg.incremental_history}: {inc_speedup:.0f}x faster than a full "
+        f"prefill (target >= 50x: {'met' if inc_speedup >= 50 else 'MISSED'})"
     )
     for line in targets:
         print(line)
@@ -386,22 +433,40 @@ def run(cfg: KVBenchConfig, command: str) -> None:
     image = cfg.out_dir / "kv_cache.png"
     plot(rows, image)
     max_cache = max(cfg.lengths)
+    kv_mib = cache_bytes(model_config, max_cache) / 2**20
     notes = [
         *targets,
-        f"fp32 matmul peak (2048x2048, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s; "
-        "GFLOP/s columns count only the useful FLOPs (see the module docstring for the formulas).",
+        f"fp32 matmul (2048x2048, {threads} threads): {peak:.1f} GFLOP/s. GFLOP/s columns count only the useful "
+        "FLOPs (formulas in the module docstring); 'FLOP ratio' is the speed-up the FLOPs alone predict.",
         "no-cache = for every candidate, one full forward over history + that candidate "
-        "(`forward_with_candidates` on copies of the history, one candidate each, in chunks). Where the "
-        "'run on' column says 'n of C (extrap.)', only n candidates were run per timed call and the time was "
-        "scaled by C/n: every candidate costs the same, so the scaling is linear by construction.",
-        f"cached path reads the history's K/V: {fmt(cache_bytes(reference_preset(1, max_len=cfg.max_len), max_cache) / 2**20)} "
-        f"MiB at L={max_cache} (fp32), plus the layer weights.",
-        f"times are medians of >= {cfg.repeats} timed calls after {cfg.warmup} warm-up calls, "
-        "torch.inference_mode(), eval mode, batch = 1 user; IQR = p75 - p25. The machine is shared, so "
-        "compare ratios within one run.",
+        "(`forward_with_candidates` on copies of the history, one candidate each, in chunks). Where 'no-cache "
+        "run on' says 'n of C (extrap.)', only n candidates were run per timed call and the time was scaled "
+        "by C/n: every candidate costs the same, so the scaling is linear by construction.",
+        f"the cached path reads the history's K/V, {kv_mib:.1f} MiB at L={max_cache} (fp32), plus ~1.3 MiB of "
+        "weights, once per candidate chunk; at small C it is bound by per-op overhead, not FLOPs.",
+        f"cached and no-cache (and incremental and full prefill) are timed round-robin, >= {cfg.repeats} rounds "
+        f"after warm-up, so both see the same background load; medians, IQR = p75 - p25. "
+        "torch.inference_mode(), eval mode, batch = 1 user. The machine is shared: compare ratios within a run.",
         f"model: {model_config}",
         f"benchmark config: {dataclasses.replace(cfg, out_dir=Path('benchmarks/results'))}",
     ]
+    sections = [
+        Section("Incremental prefill: one new event on a cached history", INCREMENTAL_HEADERS, inc_rows),
+        Section(
+            "Prefill (history -> cache), reported separately from scoring", PREFILL_HEADERS, prefill_rows
+        ),
+    ]
+    if thread_rows:
+        sections.append(
+            Section(
+                "Thread sensitivity of the two targets",
+                THREAD_HEADERS,
+                thread_rows,
+                "The same two comparisons re-run with torch on 1 thread. On a 2-core machine shared with other "
+                "jobs, every multi-threaded op waits for its slowest thread, so small ops can get slower with "
+                "more threads.",
+            )
+        )
     write_markdown(
         cfg.out_dir / "kv_cache.md",
         "KV-cache ablation: cached candidate scoring vs recomputing the history",
@@ -409,12 +474,7 @@ def run(cfg: KVBenchConfig, command: str) -> None:
         HEADERS,
         body,
         notes=notes,
-        sections=[
-            Section("Incremental prefill", INCREMENTAL_HEADERS, [incremental]),
-            Section(
-                "Prefill (history -> cache), reported separately from scoring", PREFILL_HEADERS, prefill_rows
-            ),
-        ],
+        sections=sections,
         image=image,
     )
     print(f"wrote {cfg.out_dir / 'kv_cache.md'} and {image}")
@@ -426,8 +486,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats and less no-cache work (noisier)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
-    cfg = KVBenchConfig(out_dir=args.out_dir)
+    cfg = KVBenchConfig(out_dir=args.out_dir, threads=args.threads)
     if args.quick:
         cfg = dataclasses.replace(cfg, **QUICK)  # type: ignore[arg-type]
     run(cfg, command_line())

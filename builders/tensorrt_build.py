@@ -100,6 +100,8 @@ def profile_shapes(path: Path, specs: Sequence[OnnxTensor], config: TensorRTConf
     static = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     shapes = {}
     for spec in specs:
+        if any(axis is None and not static[spec.name][i] for i, axis in enumerate(spec.axes)):
+            raise ValueError(f"{path}: input {spec.name!r} has an unknown fixed size {static[spec.name]}")
         dims = [config.axis_range(axis) if axis else (static[spec.name][i],) * 3 for i, axis in enumerate(spec.axes)]
         shapes[spec.name] = tuple(tuple(d[k] for d in dims) for k in range(3))
     return shapes
@@ -126,7 +128,8 @@ def _build_python(onnx_path: Path, plan: Path, shapes: dict[str, tuple[Shape, ..
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
+    major = int(trt.__version__.split(".")[0])  # explicit batch: the only mode from 10, a flag before
+    network = builder.create_network(0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -186,9 +189,11 @@ def _build_trtexec(onnx_path: Path, plan: Path, shapes: dict[str, tuple[Shape, .
             "--layerPrecisions=" + ",".join(f"{name}:fp32" for name in pinned),
             "--layerOutputTypes=" + ",".join(f"{name}:fp32" for name in pinned),
         ]
+    plan.unlink(missing_ok=True)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not plan.exists():
-        raise RuntimeError(f"trtexec failed to build {onnx_path} (exit {result.returncode}):\n{result.stdout[-4000:]}")
+        log = (result.stdout + result.stderr)[-4000:]
+        raise RuntimeError(f"trtexec failed to build {onnx_path} (exit {result.returncode}):\n{log}")
 
 
 def build_engines(onnx: OnnxFiles, out_dir: Path, config: TensorRTConfig | None = None) -> EngineFiles:

@@ -110,3 +110,28 @@ def test_tensorrt_fp16_top10_matches_torch(tmp_path: Path) -> None:
         agree += sum(set(a) == set(b) for a, b in zip(top_want, top_got, strict=True))
         total += batch
     assert agree / total >= 0.95, f"same top-{TOP_K} on {agree}/{total} users"
+
+
+def test_trtexec_gets_the_profiles_and_the_fp32_island(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU: a stand-in trtexec records its command line and writes the plan."""
+    onnx_files = export_onnx(make_checkpoint(tmp_path / "checkpoint"), tmp_path / "onnx")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "trtexec"
+    fake.write_text(
+        '#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n'
+        'for a in "$@"; do case "$a" in --saveEngine=*) touch "${a#--saveEngine=}";; esac; done\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr("genrec.builders.tensorrt_build._python_api", lambda: (False, "not in this test"))
+
+    plans = build_engines(onnx_files, tmp_path / "plans", TensorRTConfig(max_batch=16, max_len=64, opt_len=32))
+    assert plans.prefill.exists() and plans.scorer.exists()
+    prefill_call, scorer_call = (bin_dir / "calls").read_text().splitlines()
+    assert "--minShapes=items:1x1,timestamps:1x1,actions:1x1,lengths:1" in prefill_call
+    assert "--maxShapes=items:16x64,timestamps:16x64,actions:16x64,lengths:16" in prefill_call
+    # keys/values: (B, layers, L, H, d_qk) with the history length on axis 2
+    assert "--optShapes=keys:8x2x32x2x16,values:8x2x32x2x16,timestamps:8x32,lengths:8,user:8x32,candidates:8x100" in scorer_call
+    assert "--fp16" in scorer_call and "--precisionConstraints=obey" in scorer_call
+    assert "/Log:fp32" in scorer_call and "/Log:fp32" in prefill_call

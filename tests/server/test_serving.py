@@ -1,0 +1,198 @@
+"""End to end through a real tritonserver process and real gRPC: served == offline, bad input, batching.
+
+One server per runtime (module-scoped, parametrised); every test reuses it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from genrec.builders.build import BuildConfig, build_repository
+from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
+from genrec.client import GenrecError, RecommendClient, protocol
+from genrec.training.batch import SequenceBatch
+from genrec.training.checkpoint import load_checkpoint
+from genrec.training.hstu import HSTU
+from genrec.training.pipeline import recommend as recommend_offline
+from genrec.training.prepare import DataConfig, prepare
+
+pytestmark = pytest.mark.server
+RETRIEVE_K = 30
+
+
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def server(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    repository = tmp_path_factory.mktemp(f"repo_{request.param}")
+    build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=repository, runtime=request.param,
+                                 retrieve_k=RETRIEVE_K, max_queue_delay_us=20_000))
+    grpc, http, metrics = free_ports(3)
+    with TritonServer(ServerConfig(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: TritonServer) -> Iterator[RecommendClient]:
+    with RecommendClient(server.url, timeout_s=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def users(tiny_data: DataConfig):
+    """Raw-id histories of real users of the tiny model's data (the test split's histories)."""
+    data, split, _ = prepare(tiny_data)
+    test = split.test.histories
+    rows = list(range(0, len(test), 15))[:20]
+    out = []
+    for r in rows:
+        lo, hi = test.offsets[r], test.offsets[r + 1]
+        out.append((data.item_vocab.to_raw(test.items[lo:hi]), test.timestamps[lo:hi],
+                    np.concatenate([[0.0], data.action_values])[test.actions[lo:hi]].astype(np.int64)))
+    return out
+
+
+def test_served_equals_offline(client: RecommendClient, tiny_checkpoint: Path, users) -> None:
+    """Contract 4: the same items in the same order as the in-process pipeline; scores to fp32 noise."""
+    model, meta = load_checkpoint(tiny_checkpoint)
+    assert isinstance(model, HSTU)
+    vocab = {int(raw): i + 1 for i, raw in enumerate(meta.item_raw_ids)}
+    for items, timestamps, ratings in users:
+        served = client.recommend(items.tolist(), k=10, timestamps=timestamps.tolist(), actions=ratings.tolist())
+        dense = [vocab[int(i)] for i in items]
+        actions = np.where(ratings == 0, 0, np.searchsorted(meta.action_values, ratings) + 1)
+        recent = slice(-model.config.max_len, None)  # the server keeps the most recent max_len events
+        batch = SequenceBatch.from_lists([dense[recent]], [timestamps[recent].tolist()], [actions[recent].tolist()])
+        seen = torch.tensor([dense])  # but never recommends anything from the whole history
+        ids, scores = recommend_offline(model, batch, k=10, retrieve_k=RETRIEVE_K, seen=seen)
+        offline = meta.item_raw_ids[ids[0].numpy() - 1]
+        assert served.item_ids.tolist() == offline.tolist()
+        np.testing.assert_allclose(served.scores, scores[0].numpy(), rtol=1e-4, atol=1e-4)
+        assert not set(served.item_ids.tolist()) & set(items.tolist())  # exclude_seen
+
+
+def test_rank_and_retrieve_agree_with_recommend(client: RecommendClient, users) -> None:
+    items, timestamps, ratings = users[0]
+    kwargs = dict(timestamps=timestamps.tolist(), actions=ratings.tolist())
+    top = client.recommend(items.tolist(), k=5, **kwargs)
+    retrieved = client.retrieve(items.tolist(), k=RETRIEVE_K, **kwargs)
+    assert set(top.item_ids.tolist()) <= set(retrieved.item_ids.tolist())
+    ranking = client.rank(items.tolist(), retrieved.item_ids.tolist(), **kwargs)
+    assert ranking.ordered()[:5] == tuple(top.items)
+
+
+def test_batched_concurrent_requests_match_sequential(client: RecommendClient, server: TritonServer, users) -> None:
+    """Histories of different lengths share batches (dynamic + ragged batching) with identical results."""
+    sequential = [client.recommend(u[0].tolist(), k=10, timestamps=u[1].tolist()) for u in users]
+    stats_before = _executions(server)
+    batched = client.recommend_batch([u[0].tolist() for u in users], k=10, timestamps=[u[1].tolist() for u in users])
+    executions, inferences = np.subtract(_executions(server), stats_before)
+    assert [b.item_ids.tolist() for b in batched] == [s.item_ids.tolist() for s in sequential]
+    assert inferences == len(users)
+    assert executions < inferences  # some requests were executed together
+
+
+def _executions(server: TritonServer) -> tuple[int, int]:
+    with grpcclient.InferenceServerClient(server.url) as raw:
+        stats = raw.get_inference_statistics("user_encoder", as_json=True)["model_stats"][0]
+    return int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(user_seq=[]), "user_seq"),
+        (dict(user_seq=[1, 2], k=0), "k"),
+        (dict(user_seq=[1, 2], k=-3), "k"),
+        (dict(user_seq=[1, 2], timestamps=[5.0, float("nan")]), "timestamps"),
+        (dict(user_seq=[1, 2], timestamps=[10, 5]), "timestamps"),
+        (dict(user_seq=[1, 2], timestamps=[10]), "timestamps"),
+        (dict(user_seq=[1, 2], actions=[-1, 3]), "actions"),
+    ],
+)
+def test_bad_input_through_the_client(client: RecommendClient, kwargs: dict, message: str) -> None:
+    with pytest.raises(GenrecError, match=message):
+        client.recommend(**kwargs)
+
+
+def test_unknown_out_of_range_and_too_long_histories(client: RecommendClient, tiny_checkpoint: Path) -> None:
+    _, meta = load_checkpoint(tiny_checkpoint)
+    known = meta.item_raw_ids[:5].tolist()
+    with pytest.raises(GenrecError, match="none of the 2 history item ids is known"):
+        client.recommend([10**9, -7])
+    with_unknown = client.recommend([*known, 10**12, -1], k=5)
+    assert with_unknown.num_unknown == 2
+    assert with_unknown.item_ids.tolist() == client.recommend(known, k=5).item_ids.tolist()
+    max_len = meta.model_config["max_len"]
+    long = (meta.item_raw_ids[np.arange(max_len + 25) % len(meta.item_raw_ids)]).tolist()
+    truncated = client.recommend(long, k=5, exclude_seen=False)
+    assert truncated.num_truncated == 25
+    assert truncated.item_ids.tolist() == client.recommend(long[25:], k=5, exclude_seen=False).item_ids.tolist()
+    with pytest.raises(GenrecError, match=f"exceeds the {RETRIEVE_K} candidates"):
+        client.recommend(known, k=RETRIEVE_K + 1)
+    with pytest.raises(GenrecError, match="never seen"):
+        client.rank(known, [known[0], 10**9])
+
+
+def _raw_request(server: TritonServer, inputs: list[grpcclient.InferInput], model: str = protocol.RECOMMEND):
+    with grpcclient.InferenceServerClient(server.url) as raw:
+        return raw.infer(model, inputs)
+
+
+def _input(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _history(items: np.ndarray, timestamps: np.ndarray | None = None, ts_dtype: str = "INT64"):
+    timestamps = np.arange(items.shape[1], dtype=np.int64)[None] if timestamps is None else timestamps
+    return [
+        _input(protocol.HISTORY_ITEM_IDS, items, "INT64"),
+        _input(protocol.HISTORY_TIMESTAMPS, timestamps, ts_dtype),
+        _input(protocol.HISTORY_ACTIONS, np.zeros(items.shape, np.int64), "INT64"),
+        _input(protocol.K, np.array([[3]], np.int32), "INT32"),
+        _input(protocol.EXCLUDE_SEEN, np.array([[True]]), "BOOL"),
+    ]
+
+
+def test_bad_raw_requests_get_clear_errors_and_server_stays_correct(server: TritonServer, tiny_checkpoint: Path) -> None:
+    _, meta = load_checkpoint(tiny_checkpoint)
+    known = meta.item_raw_ids[:4][None].astype(np.int64)
+    good = _raw_request(server, _history(known)).as_numpy(protocol.ITEM_IDS)
+    cases = [
+        (_history(np.zeros((1, 0), np.int64)), "empty"),
+        ([_input(protocol.HISTORY_ITEM_IDS, known.astype(np.float32), "FP32"), *_history(known)[1:]], "FP32"),
+        (_history(np.repeat(known, 2, axis=0)), "one user per request"),
+        (_history(known, np.array([[0.0, 1.0, float("nan"), 3.0]], np.float32), "FP32"), "FP32"),
+        (_history(known)[:3], "missing"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(InferenceServerException, match=message):
+            _raw_request(server, inputs)
+    with grpcclient.InferenceServerClient(server.url) as raw:
+        assert raw.is_server_ready()
+        assert all(raw.is_model_ready(m) for m in (protocol.RECOMMEND, protocol.RANK, protocol.RETRIEVE))
+    assert _raw_request(server, _history(known)).as_numpy(protocol.ITEM_IDS).tolist() == good.tolist()
+
+
+def test_many_concurrent_mixed_good_and_bad_requests(client: RecommendClient, users) -> None:
+    """Bad requests batched with good ones fail alone; the good ones are answered correctly."""
+    expected = [client.recommend(u[0].tolist(), k=5).item_ids.tolist() for u in users[:6]]
+
+    def call(i: int):
+        if i % 2:
+            with pytest.raises(GenrecError):
+                client.recommend([10**9 + i], k=5)
+            return None
+        return client.recommend(users[(i // 2) % 6][0].tolist(), k=5).item_ids.tolist()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(24)))
+    assert [r for r in results if r is not None] == [expected[(i // 2) % 6] for i in range(0, 24, 2)]
