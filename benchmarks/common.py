@@ -15,6 +15,14 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Environment that changes how the numeric libraries thread, so it belongs in a report's command line.
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,16 @@ def _timing(samples: Sequence[float]) -> Timing:
     )
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 ``torch.matmul`` rate of an n x n product on torch's current threads: the practical compute
+    ceiling to hold achieved GFLOP/s against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    timing = time_call(lambda: a @ b, warmup=2, repeats=repeats)
+    return 2 * n**3 / timing.median_s / 1e9
+
+
 def git_revision() -> str:
     """Short hash of HEAD, with ``+dirty`` when the working tree has uncommitted changes."""
     try:
@@ -157,7 +175,8 @@ def command_line() -> str:
     """How this benchmark was invoked, as a copy-pasteable ``python -m`` line."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
-    return " ".join([program, *sys.argv[1:]])
+    env = [f"{name}={os.environ[name]}" for name in THREAD_ENV if name in os.environ]
+    return " ".join([*env, program, *sys.argv[1:]])
 
 
 def fmt(value: object) -> str:

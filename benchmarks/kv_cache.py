@@ -40,6 +40,7 @@ from genrec.benchmarks.common import (
     Timing,
     command_line,
     machine_description,
+    matmul_peak_gflops,
     print_table,
     time_call,
     time_interleaved,
@@ -140,13 +141,6 @@ def slice_history(batch: SequenceBatch, start: int, stop: int) -> SequenceBatch:
 # ---- measuring --------------------------------------------------------------------------------------------
 
 
-def matmul_peak_gflops(cfg: KVBenchConfig, n: int = 2048) -> float:
-    """The machine's fp32 matmul rate with all threads: the practical ceiling for these kernels."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    timing = time_call(lambda: a @ b, warmup=2, repeats=max(3, cfg.repeats // 2))
-    return 2 * n**3 / timing.median_s / 1e9
-
-
 @dataclass(frozen=True)
 class Row:
     length: int
@@ -212,8 +206,12 @@ def measure(model: HSTU, cfg: KVBenchConfig) -> tuple[list[Row], list[list[objec
         for num_candidates in cfg.candidates:
             cands = torch.randint(1, c.num_items + 1, (1, num_candidates), generator=generator)
             nocache, measured = nocache_call(model, history, num_candidates, cfg, generator)
+
+            def cached(k: KVCache = cache, u: torch.Tensor = user, x: torch.Tensor = cands) -> None:
+                model.score_candidates(k, u, x)
+
             cached_t, nocache_t = time_interleaved(
-                [lambda k=cache, u=user, x=cands: model.score_candidates(k, u, x), nocache],
+                [cached, nocache],
                 warmup=1,
                 repeats=cfg.repeats,
                 min_seconds=cfg.min_seconds,
@@ -377,14 +375,14 @@ def run(cfg: KVBenchConfig, command: str) -> None:
     target_case = dataclasses.replace(cfg, lengths=(200,), candidates=(100,))
     thread_rows: list[list[object]] = []
     with torch.inference_mode():
-        peak = matmul_peak_gflops(cfg)
+        peak = matmul_peak_gflops(repeats=max(3, cfg.repeats // 2))
         print(f"fp32 matmul 2048x2048, {threads} threads: {peak:.1f} GFLOP/s", flush=True)
         rows, prefill_rows = measure(model, cfg)
         incremental = measure_incremental(model, cfg)
         inc_rows = [incremental_row(model_config, cfg.incremental_history, threads, incremental)]
         if cfg.compare_one_thread and threads > 1:
             torch.set_num_threads(1)
-            one_peak = matmul_peak_gflops(cfg)
+            one_peak = matmul_peak_gflops(repeats=max(3, cfg.repeats // 2))
             one_rows, _ = measure(model, target_case)
             one_inc = measure_incremental(model, cfg)
             torch.set_num_threads(threads)

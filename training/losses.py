@@ -16,7 +16,7 @@ from genrec.training.hstu import HSTU, KVCache
 class LossConfig:
     num_negatives: int = 128  # uniform negatives shared by the batch, plus the batch's own targets
     temperature: float = 0.05
-    rank_cuts: int = 4  # cut points per sequence for the ranking objective
+    rank_cuts: int = 2  # cut points per sequence for the ranking objective
     rank_hard_negatives: int = 16  # drawn from the current retrieval top-`rank_hard_pool`
     rank_hard_pool: int = 100
     rank_uniform_negatives: int = 16

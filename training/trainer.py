@@ -173,7 +173,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch, stale = state["epoch"] + 1, state["best"], state["best_epoch"], state["stale"]
         best_state = state["best_model"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         if is_main:
             console.print(f"resumed from {state_path} at epoch {start_epoch}")
     if is_main:
@@ -187,8 +187,10 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     for epoch in range(start_epoch, config.epochs):
         model.train()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 1009 + rank)
-        batches = list(train_set_batches(train_set, config, epoch))
-        batches = batches[: max(world, len(batches) // world * world)][rank::world]  # equal step counts per rank
+        batches = train_set_batches(train_set, config, epoch)
+        if len(batches) < world:
+            batches = (batches * world)[:world]
+        batches = batches[: len(batches) // world * world][rank::world]  # equal step counts per rank
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (config.progress and is_main), leave=False)
         for batch in bar:
@@ -225,7 +227,10 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
                 state_path,
             )
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
-        if stale >= config.patience or out_of_time:
+        stop = torch.tensor([int(stale >= config.patience or out_of_time)])
+        if world > 1:  # every rank stops at the same epoch, or the others would wait forever
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item():
             break
     model.load_state_dict(best_state)
     metrics = test_metrics(model, test, config)
@@ -264,10 +269,22 @@ def test_metrics(model: nn.Module, test: Split, config: TrainConfig) -> dict[str
     return metrics
 
 
-def train_set_batches(train_set: Histories, config: TrainConfig, epoch: int):
-    """Shuffled training batches, the same on every DDP rank (each rank then takes its share)."""
+def train_set_batches(train_set: Histories, config: TrainConfig, epoch: int) -> list[SequenceBatch]:
+    """Shuffled training batches of similar lengths, the same on every DDP rank (each takes its share).
+
+    Users are shuffled, then sorted by length within windows of 16 batches, so a batch pads to little more
+    than its own users' lengths (attention costs the square of that); the batch order is shuffled again.
+    """
     max_len = config.max_len or PRESETS[config.preset]["max_len"]
-    return train_set.to_batches(config.batch_size, shuffle=True, seed=config.seed * 7919 + epoch, max_len=max_len)
+    rng = np.random.default_rng(config.seed * 7919 + epoch)
+    order = rng.permutation(len(train_set))
+    lengths = np.minimum(train_set.lengths(), max_len)
+    window = config.batch_size * 16
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        order[start : start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    return [train_set.batch(batches[i], max_len) for i in rng.permutation(len(batches))]
 
 
 def _drop_actions(batch: SequenceBatch, p: float, generator: torch.Generator) -> SequenceBatch:

@@ -152,13 +152,15 @@ def _input(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
 
 
 def _history(items: np.ndarray, timestamps: np.ndarray | None = None, ts_dtype: str = "INT64"):
-    timestamps = np.arange(items.shape[1], dtype=np.int64)[None] if timestamps is None else timestamps
+    """A raw request; its batch dimension is items' first (the API allows only 1)."""
+    b, n = items.shape
+    timestamps = np.tile(np.arange(n, dtype=np.int64), (b, 1)) if timestamps is None else timestamps
     return [
         _input(protocol.HISTORY_ITEM_IDS, items, "INT64"),
         _input(protocol.HISTORY_TIMESTAMPS, timestamps, ts_dtype),
         _input(protocol.HISTORY_ACTIONS, np.zeros(items.shape, np.int64), "INT64"),
-        _input(protocol.K, np.array([[3]], np.int32), "INT32"),
-        _input(protocol.EXCLUDE_SEEN, np.array([[True]]), "BOOL"),
+        _input(protocol.K, np.full((b, 1), 3, np.int32), "INT32"),
+        _input(protocol.EXCLUDE_SEEN, np.ones((b, 1), bool), "BOOL"),
     ]
 
 

@@ -17,6 +17,8 @@ from genrec.training.embeddings import ItemFeatures
 from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.sasrec import SASRec, SASRecConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_ITEMS = 12
 
 

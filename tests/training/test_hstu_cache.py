@@ -21,6 +21,8 @@ from genrec.training.batch import SequenceBatch
 from genrec.training.embeddings import ItemFeatures
 from genrec.training.hstu import HSTU, HSTUConfig, KVCache
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-5
 NUM_ITEMS = 60
 NUM_ACTIONS = 4

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.datasets import SyntheticConfig
@@ -23,18 +21,12 @@ from genrec.training.hstu import HSTU
 from genrec.training.prepare import DataConfig, evaluate_checkpoint, run_training
 from genrec.training.trainer import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_ITEMS = 100
 CHANCE_HR10 = 10 / NUM_ITEMS
 DATA = DataConfig(source="synthetic", synthetic=SyntheticConfig(num_users=400, num_items=NUM_ITEMS, min_len=20, max_len=40))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two intra-op threads on two busy shared cores run ~10x slower than one; results are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(out: Path, epochs: int, resume: bool = False) -> TrainConfig:
