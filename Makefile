@@ -26,7 +26,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint
-	$(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
 
 quality: setup
 	$(PY) -m genrec.benchmarks.quality

@@ -79,7 +79,7 @@ def time_call(
         elapsed = time.perf_counter() - start
         samples.append(elapsed)
         total += elapsed
-    return _timing(samples)
+    return summarize(samples)
 
 
 def time_interleaved(
@@ -102,10 +102,11 @@ def time_interleaved(
             elapsed = time.perf_counter() - start
             mine.append(elapsed)
             total += elapsed
-    return [_timing(mine) for mine in samples]
+    return [summarize(mine) for mine in samples]
 
 
-def _timing(samples: Sequence[float]) -> Timing:
+def summarize(samples: Sequence[float]) -> Timing:
+    """Median and quartiles of samples in seconds."""
     return Timing(
         median_s=statistics.median(samples),
         p25=percentile(samples, 25),
@@ -152,14 +153,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float | None:
+    """1-minute load average: on a shared machine, how many runnable threads compete for the cores."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def oversubscription_warning() -> str | None:
+    """A warning when other work already fills the cores and OpenMP threads would spin-wait.
+
+    With libgomp's default (active) waiting, every parallel region of a multi-threaded op waits for its
+    slowest thread, which on an oversubscribed machine means a scheduler time slice: measured here, a 0.1 ms
+    FAISS query took 20 ms on 2 threads. ``OMP_WAIT_POLICY=PASSIVE`` (read when torch/FAISS load, so it must
+    be set in the shell) or ``--threads 1`` avoids it.
+    """
+    load, cores = load_average(), os.cpu_count() or 1
+    if load is None or load < cores or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return None
+    return (
+        f"load average {load:.1f} on {cores} cores: other jobs fill this machine, and multi-threaded ops will "
+        "wait for descheduled threads. Set OMP_WAIT_POLICY=PASSIVE in the shell, or run with --threads 1."
+    )
+
+
 def machine_description() -> str:
-    """One line: CPU model, cores, memory, OS, Python and torch versions."""
+    """One line: CPU model, cores, memory, load at the time, OS, Python and torch versions."""
     parts = [f"{cpu_model()}", f"{os.cpu_count()} cores"]
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         parts.append(f"{pages / 2**30:.0f} GiB RAM")
     except (ValueError, OSError, AttributeError):
         pass
+    load = load_average()
+    if load is not None:
+        parts.append(f"load average {load:.1f}")
     parts.append(f"{platform.system()} {platform.release()}")
     parts.append(f"Python {platform.python_version()}")
     try:

@@ -41,6 +41,7 @@ from genrec.benchmarks.common import (
     command_line,
     machine_description,
     matmul_peak_gflops,
+    oversubscription_warning,
     print_table,
     time_call,
     time_interleaved,
@@ -371,6 +372,9 @@ def run(cfg: KVBenchConfig, command: str) -> None:
     print(
         f"benchmark config: {cfg}\nmodel config: {model_config}\nmachine: {machine_description()}", flush=True
     )
+    warning = oversubscription_warning()
+    if warning:
+        print(f"WARNING: {warning}", flush=True)
     model = HSTU(model_config).eval()
     target_case = dataclasses.replace(cfg, lengths=(200,), candidates=(100,))
     thread_rows: list[list[object]] = []
@@ -445,6 +449,7 @@ def run(cfg: KVBenchConfig, command: str) -> None:
         f"cached and no-cache (and incremental and full prefill) are timed round-robin, >= {cfg.repeats} rounds "
         f"after warm-up, so both see the same background load; medians, IQR = p75 - p25. "
         "torch.inference_mode(), eval mode, batch = 1 user. The machine is shared: compare ratios within a run.",
+        *([f"measured under load: {warning}"] if warning else []),
         f"model: {model_config}",
         f"benchmark config: {dataclasses.replace(cfg, out_dir=Path('benchmarks/results'))}",
     ]

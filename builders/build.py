@@ -83,7 +83,7 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
     batching = DynamicBatching(build.max_queue_delay_us) if build.dynamic_batching else None
     instance_kind = "KIND_GPU" if build.device.startswith("cuda") else "KIND_CPU"
     groups = (InstanceGroup(build.instances, instance_kind),)
-    runtime = "onnx" if build.runtime in ("onnx", "tensorrt") else "torch"
+    runtime = build.runtime
 
     def python_model(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], **params: str) -> ModelSpec:
         return ModelSpec(
@@ -212,7 +212,14 @@ def build_repository(build: BuildConfig) -> int:
 
 
 def _write_artifacts(model: HSTU, build: BuildConfig, out: Path) -> Path:
-    """What every composing model's version folder holds: the checkpoint, the item table, runtime files."""
+    """What every composing model's version folder holds: the checkpoint, the item table, runtime files
+    (``onnx/`` for onnx and tensorrt, ``tensorrt/`` plans for tensorrt)."""
+    if build.runtime == "tensorrt":  # before anything is written: no half-built version is left behind
+        from genrec.builders.tensorrt_build import tensorrt_available
+
+        ok, reason = tensorrt_available()
+        if not ok:
+            raise RuntimeError(f"runtime='tensorrt' needs TensorRT and a CUDA GPU on the build machine: {reason}")
     for name in CHECKPOINT_FILES:
         source = Path(build.checkpoint) / name
         if source.exists():
@@ -222,7 +229,21 @@ def _write_artifacts(model: HSTU, build: BuildConfig, out: Path) -> Path:
     if build.runtime in ("onnx", "tensorrt"):
         from genrec.builders.onnx_export import export_onnx
 
-        export_onnx(Path(build.checkpoint), out / "onnx")
-    if build.runtime == "tensorrt":
-        raise NotImplementedError("the tensorrt runtime is wired by genrec.builders.tensorrt_build")
+        onnx_files = export_onnx(Path(build.checkpoint), out / "onnx")
+        if build.runtime == "tensorrt":
+            from genrec.builders.tensorrt_build import TensorRTConfig, build_engines
+
+            # Histories reach the engines truncated to max_len; batches above max_batch_size and candidate
+            # lists above max_candidates are split by TensorRTRuntime. retrieve_k is what recommend scores.
+            max_len, max_batch = model.config.max_len, build.max_batch_size
+            defaults = TensorRTConfig()
+            config = TensorRTConfig(
+                max_batch=max_batch,
+                max_len=max_len,
+                max_candidates=max(defaults.max_candidates, build.retrieve_k),
+                opt_batch=min(defaults.opt_batch, max_batch),
+                opt_len=min(defaults.opt_len, max_len),
+                opt_candidates=build.retrieve_k,
+            )
+            build_engines(onnx_files, out / "tensorrt", config)
     return out

@@ -300,4 +300,8 @@ def _runtime(version_dir: Path, parameters: dict[str, str]) -> Runtime:
         from genrec.builders.onnx_export import OnnxRuntime
 
         return OnnxRuntime(version_dir / "onnx")
+    if name == "tensorrt":
+        from genrec.builders.tensorrt_build import TensorRTRuntime
+
+        return TensorRTRuntime(version_dir / "tensorrt", device if device.startswith("cuda") else "cuda")
     raise ValueError(f"unknown runtime {name!r} in {json.dumps(parameters)}")

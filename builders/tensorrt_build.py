@@ -5,18 +5,24 @@ candidate count, for Triton's ``tensorrt_plan`` platform. Needs a CUDA GPU and T
 fp16 keeps one island in fp32: HSTU's relative time bias takes log(time gap in seconds), and gaps beyond
 65504 s (18 hours) overflow fp16, so every float node computed from an int64 -> float cast (cast, log, divide)
 is pinned to fp32 before the result goes back to an integer bucket id.
+
+``TensorRTRuntime`` serves the two plans through the ``Runtime`` protocol (the Python backend's path); the
+tensorrt Python package is imported only when a plan is built or loaded, so this module imports without it.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import torch
 from onnx import TensorProto
 
 from genrec.builders.onnx_export import (
@@ -24,12 +30,16 @@ from genrec.builders.onnx_export import (
     CANDIDATES,
     HISTORY,
     PREFILL_INPUTS,
+    PREFILL_OUTPUTS,
     SCORER_INPUTS,
+    SCORER_OUTPUTS,
     OnnxFiles,
     OnnxTensor,
 )
+from genrec.builders.runtimes import Prefilled
 
 Shape = tuple[int, ...]
+PREFILL_PLAN, SCORER_PLAN = "prefill.plan", "scorer.plan"
 
 
 @dataclass(frozen=True)
@@ -205,7 +215,171 @@ def build_engines(onnx: OnnxFiles, out_dir: Path, config: TensorRTConfig | None 
     build = _build_python if _python_api()[0] else _build_trtexec
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = EngineFiles(out_dir / "prefill.plan", out_dir / "scorer.plan")
+    files = EngineFiles(out_dir / PREFILL_PLAN, out_dir / SCORER_PLAN)
     for source, specs, plan in ((onnx.prefill, PREFILL_INPUTS, files.prefill), (onnx.scorer, SCORER_INPUTS, files.scorer)):
         build(source, plan, profile_shapes(source, specs, config), config.fp16)
     return files
+
+
+# ---- the TensorRT Runtime ----------------------------------------------------------------------------------
+
+
+class _Plan:
+    """One deserialized plan, its single execution context and its I/O bindings (TensorRT 10 tensor API)."""
+
+    def __init__(
+        self,
+        trt: Any,
+        runtime: Any,
+        path: Path,
+        inputs: Sequence[OnnxTensor],
+        outputs: Sequence[OnnxTensor],
+        device: torch.device,
+    ) -> None:
+        self.path, self.inputs, self.outputs, self.device = path, tuple(inputs), tuple(outputs), device
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(
+                f"TensorRT {trt.__version__} cannot deserialize {path}: a plan only runs on the TensorRT version "
+                "and GPU family that built it (rebuild the repository here)"
+            )
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"TensorRT cannot create an execution context for {path} (out of GPU memory?)")
+        io = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        for specs, mode in ((self.inputs, trt.TensorIOMode.INPUT), (self.outputs, trt.TensorIOMode.OUTPUT)):
+            for spec in specs:
+                if spec.name not in io or self.engine.get_tensor_mode(spec.name) != mode:
+                    raise RuntimeError(f"{path}: the engine has no {mode} tensor {spec.name!r} (it has {sorted(io)})")
+        # The engine's own types: an int64 graph input may have become INT32 (TensorRT < 10 has no INT64).
+        self.dtypes = {spec.name: _torch_dtype(trt, self.engine.get_tensor_dtype(spec.name)) for spec in (*inputs, *outputs)}
+        # The profile's bounds on each dynamic axis (the tightest over the inputs that carry it).
+        self.bounds: dict[str, tuple[int, int]] = {}
+        for spec in self.inputs:
+            low, _, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(spec.name, 0))
+            for i, axis in enumerate(spec.axes):
+                if axis is not None:
+                    old = self.bounds.get(axis, (1, high[i]))
+                    self.bounds[axis] = (max(old[0], low[i]), min(old[1], high[i]))
+        self.stream = torch.cuda.Stream(device=device)
+        self.lock = threading.Lock()
+
+    def limit(self, axis: str) -> int:
+        return self.bounds[axis][1]
+
+    def _check(self, arrays: Sequence[np.ndarray]) -> None:
+        for spec, array in zip(self.inputs, arrays, strict=True):
+            if array.ndim != len(spec.axes):
+                raise ValueError(f"{self.path.name}: input {spec.name!r} needs {len(spec.axes)} dims, got {array.shape}")
+            for size, axis in zip(array.shape, spec.axes, strict=True):
+                if axis is None or axis == BATCH:
+                    continue  # fixed sizes are TensorRT's to check; the batch is split into chunks
+                low, high = self.bounds[axis]
+                if not low <= size <= high:
+                    raise ValueError(
+                        f"{self.path.name}: input {spec.name!r} has {axis} size {size}, outside {low}..{high} of "
+                        f"the engine's optimisation profile (rebuild the engines with larger TensorRTConfig limits)"
+                    )
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Batch-first numpy inputs in spec order -> numpy outputs in spec order (float32 where the spec says
+        so); a batch above the profile's max runs as chunks of that max."""
+        self._check(arrays)
+        batch = arrays[0].shape[0]
+        if batch == 0:
+            raise ValueError(f"{self.path.name}: empty batch")
+        step = self.limit(BATCH)
+        chunks = [self._run([a[start : start + step] for a in arrays]) for start in range(0, batch, step)]
+        return [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks, strict=True)]
+
+    def _run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with self.lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            # Every copy, the engine and the copies back are queued on self.stream, in that order.
+            inputs = []
+            for spec, array in zip(self.inputs, arrays, strict=True):
+                host = torch.from_numpy(np.ascontiguousarray(array, dtype=spec.dtype))
+                tensor = host.to(self.device).to(self.dtypes[spec.name]).contiguous()
+                if not self.context.set_input_shape(spec.name, tuple(tensor.shape)):
+                    raise ValueError(f"{self.path.name}: TensorRT rejects shape {tuple(tensor.shape)} for {spec.name!r}")
+                self.context.set_tensor_address(spec.name, tensor.data_ptr())
+                inputs.append(tensor)
+            outputs = []
+            for spec in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(spec.name))
+                if any(d < 0 for d in shape):
+                    raise RuntimeError(f"{self.path.name}: output {spec.name!r} has an unresolved shape {shape}")
+                tensor = torch.empty(shape, dtype=self.dtypes[spec.name], device=self.device)
+                self.context.set_tensor_address(spec.name, tensor.data_ptr())
+                outputs.append(tensor)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT failed to run {self.path} (its log says why)")
+            results = [t.to(getattr(torch, spec.dtype)).cpu() for spec, t in zip(self.outputs, outputs, strict=True)]
+            self.stream.synchronize()  # the inputs stay referenced until here
+            del inputs
+        return [r.numpy() for r in results]
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8,
+             trt.bool: torch.bool}  # fmt: skip
+    for name in ("int64", "bfloat16", "uint8"):
+        if hasattr(trt, name):
+            table[getattr(trt, name)] = getattr(torch, name)
+    if dtype not in table:
+        raise RuntimeError(f"TensorRT I/O type {dtype} has no torch equivalent here")
+    return table[dtype]
+
+
+class TensorRTRuntime:
+    """The ``Runtime`` protocol on the two TensorRT plans (see ``build_engines``), on one CUDA GPU.
+
+    Same semantics as ``OnnxRuntime``: the plans take and return the exported graphs' batch-first tensors,
+    and this class turns the cache back into the protocol's (layers, B, L, H, d). Batches above the plans'
+    profile max run as chunks of that max, candidate lists above it as chunks of candidates (each candidate
+    is scored on its own); a history longer than the profile's max length is an error (the served models
+    truncate histories to the model's max_len, which the engines are built for).
+    """
+
+    def __init__(self, directory: Path, device: str = "cuda") -> None:
+        directory = Path(directory)
+        files = EngineFiles(directory / PREFILL_PLAN, directory / SCORER_PLAN)
+        for path in (files.prefill, files.scorer):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing; write it with build_engines(onnx_files, {directory})")
+        try:
+            import tensorrt as trt
+        except ImportError as error:
+            raise RuntimeError(f"the tensorrt runtime needs the tensorrt Python package ({error})") from error
+        if not torch.cuda.is_available():
+            raise RuntimeError("the tensorrt runtime needs a CUDA GPU visible to torch")
+        self.device = torch.device(device if device.startswith("cuda") else "cuda")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # outlives the engines it deserializes
+        with torch.cuda.device(self.device):
+            self.prefill_plan = _Plan(trt, self.runtime, files.prefill, PREFILL_INPUTS, PREFILL_OUTPUTS, self.device)
+            self.scorer_plan = _Plan(trt, self.runtime, files.scorer, SCORER_INPUTS, SCORER_OUTPUTS, self.device)
+
+    def prefill(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray, lengths: np.ndarray) -> Prefilled:
+        """items/timestamps/actions (B, L) int64 right-padded, lengths (B,) int64."""
+        keys, values, user = self.prefill_plan((items, timestamps, actions, lengths))
+        # (B, layers, L, H, d) -> the protocol's (layers, B, L, H, d)
+        return Prefilled(np.ascontiguousarray(keys.swapaxes(0, 1)), np.ascontiguousarray(values.swapaxes(0, 1)), user)
+
+    def score(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        timestamps: np.ndarray,
+        lengths: np.ndarray,
+        user: np.ndarray,
+        candidates: np.ndarray,
+    ) -> np.ndarray:
+        """Cached K/V (layers, B, L, H, d), timestamps (B, L), lengths (B,), user (B, D), candidates (B, C)
+        dense ids -> (B, C) float32 served scores (task 0)."""
+        cache = (keys.swapaxes(0, 1), values.swapaxes(0, 1), timestamps, lengths, user)
+        step = self.scorer_plan.limit(CANDIDATES)
+        parts = [
+            self.scorer_plan((*cache, candidates[:, start : start + step]))[0]
+            for start in range(0, max(candidates.shape[1], 1), step)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

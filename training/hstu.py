@@ -130,7 +130,7 @@ class HSTULayer(nn.Module):
         """Pointwise attention. q (B, Tq, H, dqk), k/v (B, Tk, H, d), bias/mask (B, Tq, Tk) -> (B, Tq, H, dv)."""
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) + bias[:, None]
         weights = F.silu(scores) * mask[:, None] / self.config.max_len
-        return torch.einsum("bhqk,bkhd->bqhd", self.dropout(weights), v)
+        return torch.einsum("bhqk,bkhd->bqhd", weights, v)  # no attention dropout, as in the paper's code
 
 
 class HSTU(nn.Module):
@@ -263,8 +263,8 @@ class HSTU(nn.Module):
             hist = F.silu(torch.einsum("bchd,blhd->bchl", q, cache.keys[i]) + hist_bias) * valid[:, None, None, :]
             own = F.silu((q * k).sum(-1) + self_bias)  # (B, C, H)
             scale = 1.0 / self.config.max_len
-            attended = torch.einsum("bchl,blhd->bchd", layer.dropout(hist * scale), cache.values[i])
-            attended = attended + layer.dropout(own * scale)[..., None] * v
+            attended = torch.einsum("bchl,blhd->bchd", hist * scale, cache.values[i])
+            attended = attended + (own * scale)[..., None] * v
             x = layer.finish(x, attended, u)
         return self._head(x, user, candidates)
 

@@ -227,7 +227,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
                 state_path,
             )
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
-        stop = torch.tensor([int(stale >= config.patience or out_of_time)])
+        stop = torch.tensor([int(stale >= config.patience or out_of_time)], device=device)
         if world > 1:  # every rank stops at the same epoch, or the others would wait forever
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():

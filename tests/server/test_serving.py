@@ -1,22 +1,21 @@
 """End to end through a real tritonserver process and real gRPC: served == offline, bad input, batching.
 
-One server per runtime (module-scoped, parametrised); every test reuses it.
+One server per runtime (the package-scoped, parametrised `server` of conftest.py); every test reuses it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from server_constants import RETRIEVE_K
 from tritonclient.utils import InferenceServerException
 
-from genrec.builders.build import BuildConfig, build_repository
-from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
+from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, RecommendClient, protocol
 from genrec.training.batch import SequenceBatch
 from genrec.training.checkpoint import load_checkpoint
@@ -25,23 +24,6 @@ from genrec.training.pipeline import recommend as recommend_offline
 from genrec.training.prepare import DataConfig, prepare
 
 pytestmark = pytest.mark.server
-RETRIEVE_K = 30
-
-
-@pytest.fixture(scope="module", params=["torch", "onnx"])
-def server(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    repository = tmp_path_factory.mktemp(f"repo_{request.param}")
-    build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=repository, runtime=request.param,
-                                 retrieve_k=RETRIEVE_K, max_queue_delay_us=20_000))
-    grpc, http, metrics = free_ports(3)
-    with TritonServer(ServerConfig(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: TritonServer) -> Iterator[RecommendClient]:
-    with RecommendClient(server.url, timeout_s=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,109 @@
+"""The served models' logic without a server: validation, id mapping, truncation, batching, top-n."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genrec.builders import handlers as h
+from genrec.builders.build import BuildConfig, build_repository, model_specs, next_version
+from genrec.builders.model_config import read_config, to_model_config
+from genrec.builders.runtimes import TorchRuntime
+from genrec.client import protocol
+from genrec.training.checkpoint import load_checkpoint, load_meta
+from genrec.training.hstu import HSTU
+
+
+def history(items, timestamps=None, actions=None) -> h.Request:
+    items = np.asarray(items, np.int64)[None]
+    timestamps = np.arange(items.shape[1], dtype=np.int64)[None] if timestamps is None else np.asarray(timestamps)[None]
+    actions = np.zeros_like(items) if actions is None else np.asarray(actions, np.int64)[None]
+    return {protocol.HISTORY_ITEM_IDS: items, protocol.HISTORY_TIMESTAMPS: timestamps, protocol.HISTORY_ACTIONS: actions}
+
+
+@pytest.fixture(scope="module")
+def catalogue(tiny_checkpoint: Path) -> h.Catalogue:
+    return h.Catalogue.from_meta(load_meta(tiny_checkpoint))
+
+
+def test_unknown_ids_are_dropped_and_counted(catalogue: h.Catalogue) -> None:
+    raw = catalogue.vocab.raw_ids
+    parsed = h.parse_history(history([raw[3], -5, raw[7], 10**12]), catalogue, max_len=50)
+    assert parsed.items.tolist() == [4, 8]
+    assert parsed.num_unknown == 2 and parsed.num_truncated == 0
+
+
+def test_long_history_keeps_the_most_recent_events(catalogue: h.Catalogue) -> None:
+    raw = catalogue.vocab.raw_ids[:10]
+    parsed = h.parse_history(history(raw, timestamps=np.arange(10) * 7), catalogue, max_len=4)
+    assert parsed.items.tolist() == [7, 8, 9, 10]
+    assert parsed.timestamps.tolist() == [42, 49, 56, 63]
+    assert parsed.num_truncated == 6
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (history([]), "empty"),
+        ({**history([1, 2]), protocol.HISTORY_TIMESTAMPS: np.array([[1]])}, "has 1 values"),
+        (history([1, 2, 3], timestamps=[5, 9, 2]), "index 2"),
+        (history([1, 2], actions=[1, -2]), ">= 0"),
+        (history([10**9]), "none of the 1 history item ids"),
+        ({k: np.repeat(v, 2, axis=0) for k, v in history([1, 2]).items()}, "one user per request"),
+    ],
+)
+def test_bad_histories_name_the_problem(catalogue: h.Catalogue, request_: h.Request, message: str) -> None:
+    with pytest.raises(h.RequestError, match=message):
+        h.parse_history(request_, catalogue, max_len=50)
+
+
+def test_ratings_map_to_the_training_action_ids(catalogue: h.Catalogue) -> None:
+    values = catalogue.action_values
+    ratings = np.array([0, values[0], values[-1], values[-1] + 10])
+    assert catalogue.actions(ratings).tolist() == [0, 1, len(values), len(values)]
+
+
+def test_a_bad_request_fails_alone_in_its_batch(tiny_checkpoint: Path, catalogue: h.Catalogue) -> None:
+    model, _ = load_checkpoint(tiny_checkpoint)
+    assert isinstance(model, HSTU)
+    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, model.config.max_len)
+    raw = catalogue.vocab.raw_ids
+    good_short, good_long = history(raw[:3]), history(raw[5:20])
+    results = encoder.execute([good_short, history([]), good_long])
+    assert isinstance(results[1], h.RequestError)
+    alone = encoder.execute([good_short])[0]
+    assert isinstance(alone, dict) and isinstance(results[0], dict)
+    # Batched with a longer history, the short one's outputs are those it gets alone.
+    for name in (h.USER_EMBEDDING, h.KV_KEYS, h.KV_VALUES):
+        np.testing.assert_allclose(results[0][name], alone[name], rtol=1e-5, atol=1e-6)
+    assert results[2][h.KV_KEYS].shape[2] == 15
+
+
+def test_top_n_orders_by_score_and_checks_k() -> None:
+    top = h.TopN()
+    ids = np.array([[10, 20, 30, 40]])
+    scores = np.array([[0.5, 2.0, 0.5, 1.0]], np.float32)
+    request = {h.RETRIEVED_ITEM_IDS: ids, h.CANDIDATE_SCORES: scores, protocol.K: np.array([[3]])}
+    result = top.execute([request])[0]
+    assert isinstance(result, dict)
+    assert result[protocol.ITEM_IDS].tolist() == [[20, 40, 10]]  # the tie 10/30 keeps retrieval order
+    for k, message in ((0, "positive"), (-2, "positive"), (5, "exceeds the 4 candidates")):
+        error = top.execute([{**request, protocol.K: np.array([[k]])}])[0]
+        assert isinstance(error, h.RequestError) and message in str(error)
+
+
+def test_build_adds_versions_and_writes_the_specs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config = BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=20)
+    assert build_repository(config) == 1
+    assert build_repository(config) == 2 == next_version(tmp_path) - 1
+    model, _ = load_checkpoint(tiny_checkpoint)
+    assert isinstance(model, HSTU)
+    for spec in model_specs(model.config, config):
+        assert read_config(tmp_path / spec.name / "config.pbtxt") == to_model_config(spec)
+        assert sorted(p.name for p in (tmp_path / spec.name).iterdir() if p.is_dir()) == ["1", "2"]
+    assert (tmp_path / "user_encoder" / "2" / "model.py").exists()
+    with pytest.raises(ValueError, match="retrieve_k"):
+        build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10**6))
+    assert next_version(tmp_path) == 3  # a failed build leaves no version behind
