@@ -121,6 +121,7 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--retrieve-k", type=int, default=100, help="retrieval depth before re-ranking")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--instances", type=int, default=1, help="model instances per composing model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the torch / onnx models run")
     p.add_argument("--no-dynamic-batching", action="store_true")
     p.add_argument("--faiss", choices=["none", "ivf", "hnsw"], default="none",
                    help="approximate retrieval index for large catalogues (default: exact brute force)")
@@ -131,7 +132,7 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
         config = BuildConfig(
             checkpoint=args.checkpoint, repository=args.repository, runtime=args.runtime,
             retrieve_k=args.retrieve_k, max_batch_size=args.max_batch_size, instances=args.instances,
-            dynamic_batching=not args.no_dynamic_batching, faiss=args.faiss,
+            dynamic_batching=not args.no_dynamic_batching, faiss=args.faiss, device=args.device,
         )
         version = build_repository(config)
         print(f"built {args.repository} (version {version}, runtime {args.runtime})")
