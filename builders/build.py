@@ -37,6 +37,7 @@ from genrec.builders.model_config import (
 from genrec.client import protocol
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.hstu import HSTU, HSTUConfig
+from genrec.training.retrieval import FaissConfig, build_faiss_index, save_index
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "metrics.json")
 COMPOSING = ("user_encoder", "item_retrieval", "candidate_scorer", "top_n")
@@ -225,7 +226,10 @@ def _write_artifacts(model: HSTU, build: BuildConfig, out: Path) -> Path:
         if source.exists():
             _link_or_copy(source, out / "checkpoint" / name)
     with torch.no_grad():
-        np.save(out / "item_table.npy", model.item_table().numpy().astype(np.float32))
+        table = model.item_table().numpy().astype(np.float32)
+    np.save(out / "item_table.npy", table)
+    if build.faiss != "none":
+        save_index(build_faiss_index(table, FaissConfig(kind=build.faiss)), out / "item_index.faiss")
     if build.runtime in ("onnx", "tensorrt"):
         from genrec.builders.onnx_export import export_onnx
 

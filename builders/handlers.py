@@ -23,7 +23,7 @@ import torch
 from genrec.builders.runtimes import Runtime, TorchRuntime
 from genrec.client import protocol
 from genrec.training.checkpoint import CheckpointMeta, load_meta
-from genrec.training.retrieval import top_k
+from genrec.training.retrieval import faiss_top_k, load_index, top_k
 from genrec.training.sequences import Vocabulary, action_ids
 
 # Tensors between composing models (inside the ensembles; the public ones are in genrec.client.protocol).
@@ -227,9 +227,11 @@ class CandidateScorer:
 
 
 class ItemRetrieval:
-    def __init__(self, table: np.ndarray, catalogue: Catalogue, depth: int) -> None:
+    """Exact inner-product top-k over the item table, or a FAISS index's approximate one when built with it."""
+
+    def __init__(self, table: np.ndarray, catalogue: Catalogue, depth: int, index: object | None = None) -> None:
         self.table = torch.from_numpy(table)
-        self.catalogue, self.depth = catalogue, depth
+        self.catalogue, self.depth, self.index = catalogue, depth, index
 
     def _parse(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         user = _row(request, USER_EMBEDDING, np.float32)
@@ -241,14 +243,22 @@ class ItemRetrieval:
         return _run_valid(requests, self._parse, self._retrieve)
 
     def _retrieve(self, parsed: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        users = torch.from_numpy(np.stack([p[0] for p in parsed]))
+        users = np.stack([p[0] for p in parsed])
         exclude, _ = _pad([p[1] for p in parsed])
         try:
-            ids, scores = top_k(users, self.table, self.depth, torch.from_numpy(exclude))
+            if self.index is None:
+                found = top_k(torch.from_numpy(users), self.table, self.depth, torch.from_numpy(exclude))
+                ids, scores = found[0].numpy(), found[1].numpy()
+            else:
+                ids, scores = faiss_top_k(self.index, users, self.depth, exclude)
         except ValueError as error:
             raise RequestError(str(error)) from error
-        raw = self.catalogue.vocab.to_raw(ids.numpy().reshape(-1)).reshape(ids.shape).astype(np.int64)
-        return [{RETRIEVED_ITEM_IDS: raw[b][None], RETRIEVED_SCORES: scores[b].numpy()[None]} for b in range(len(parsed))]
+        results: list[dict[str, np.ndarray]] = []
+        for b in range(len(parsed)):
+            found_ids = ids[b][ids[b] > 0]  # an approximate index may find fewer than asked
+            raw = self.catalogue.vocab.to_raw(found_ids).astype(np.int64)
+            results.append({RETRIEVED_ITEM_IDS: raw[None], RETRIEVED_SCORES: scores[b][: len(found_ids)][None]})
+        return results
 
 
 class TopN:
@@ -283,7 +293,9 @@ def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Ha
         return TopN()
     if kind == "item_retrieval":
         table = np.load(version_dir / "item_table.npy")
-        return ItemRetrieval(table, catalogue, int(parameters["retrieve_k"]))
+        index_path = version_dir / "item_index.faiss"
+        index = load_index(index_path) if index_path.exists() else None
+        return ItemRetrieval(table, catalogue, int(parameters["retrieve_k"]), index)
     runtime = _runtime(version_dir, parameters)
     if kind == "user_encoder":
         return UserEncoder(runtime, catalogue, int(config["max_len"]))

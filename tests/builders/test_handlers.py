@@ -107,3 +107,26 @@ def test_build_adds_versions_and_writes_the_specs(tiny_checkpoint: Path, tmp_pat
     with pytest.raises(ValueError, match="retrieve_k"):
         build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10**6))
     assert next_version(tmp_path) == 3  # a failed build leaves no version behind
+
+
+def test_faiss_retrieval_matches_brute_force_on_a_small_catalogue(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    exact_repo, faiss_repo = tmp_path / "exact", tmp_path / "faiss"
+    build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=exact_repo, retrieve_k=10))
+    build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=faiss_repo, retrieve_k=10, faiss="hnsw"))
+    params = {"retrieve_k": "10"}
+    exact = h.load_handler("item_retrieval", exact_repo / "item_retrieval" / "1", params)
+    approx = h.load_handler("item_retrieval", faiss_repo / "item_retrieval" / "1", params)
+    assert isinstance(approx, h.ItemRetrieval) and approx.index is not None
+    rng = np.random.default_rng(0)
+    catalogue = h.Catalogue.from_meta(load_meta(tiny_checkpoint))
+    requests = []
+    for _ in range(8):
+        user = rng.normal(size=(1, exact.table.shape[1])).astype(np.float32)
+        seen = catalogue.vocab.raw_ids[rng.choice(len(catalogue.vocab), 5, replace=False)][None]
+        requests.append({h.USER_EMBEDDING: user / np.linalg.norm(user), protocol.HISTORY_ITEM_IDS: seen,
+                         protocol.EXCLUDE_SEEN: np.array([[True]])})
+    for want, got, request in zip(exact.execute(requests), approx.execute(requests), requests, strict=True):
+        assert isinstance(want, dict) and isinstance(got, dict)
+        assert not set(got[h.RETRIEVED_ITEM_IDS][0]) & set(request[protocol.HISTORY_ITEM_IDS][0])
+        overlap = len(set(want[h.RETRIEVED_ITEM_IDS][0]) & set(got[h.RETRIEVED_ITEM_IDS][0]))
+        assert overlap >= 9  # HNSW on 120 items is close to exact
