@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=15, help="training budget per model and seed")
     parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--max-minutes", type=float, default=3.5, help="training budget per model and seed")
+    parser.add_argument("--max-minutes", type=float, default=None, help="optional wall-clock cap per run")
     parser.add_argument("--workdir", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_ml100k.md")
     args = parser.parse_args(argv)
