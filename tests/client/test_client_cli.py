@@ -1,16 +1,13 @@
-"""genrec-client: --help reads well, usage errors are clean, results print as a table or JSON."""
+"""genrec-client without a server: --help reads well, usage and input errors are clean.
+
+Its results (table, JSON, ready) against a real server: tests/server/test_client_e2e.py.
+"""
 
 from __future__ import annotations
-
-import json
-from typing import TYPE_CHECKING
 
 import pytest
 
 from genrec.client.cli import main
-
-if TYPE_CHECKING:
-    from conftest import StubTriton
 
 
 @pytest.mark.parametrize(
@@ -58,28 +55,3 @@ def test_bad_input_exits_1_with_the_message(capsys: pytest.CaptureFixture[str]) 
         == 1
     )
     assert "timestamps must be non-decreasing" in capsys.readouterr().err
-
-
-def test_recommend_json(stub: StubTriton, stub_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["recommend", "--url", stub_url, "--items", "1,2", "-k", "3", "--json"]) == 0
-    payload = json.loads(capsys.readouterr().out)
-    assert [item["item_id"] for item in payload["items"]] == [3, 4, 5]
-    assert payload["num_unknown"] == 0 and payload["num_truncated"] == 0
-
-
-def test_rank_table_is_best_first(
-    stub: StubTriton, stub_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["rank", "--url", stub_url, "--items", "1,2,99999", "--candidates", "7,13,9"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["rank", "item_id", "score"]
-    assert [line.split()[1] for line in lines[1:4]] == ["13", "9", "7"]  # stub scores id % 7
-    assert lines[4] == "history: 1 unknown ids ignored, 0 oldest events truncated"
-
-
-def test_ready(stub: StubTriton, stub_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ready", "--url", stub_url]) == 0
-    assert capsys.readouterr().out.strip() == "ready"
-    stub.live = False
-    assert main(["ready", "--url", stub_url]) == 1
-    assert capsys.readouterr().out.strip() == f"not ready: {stub_url}"

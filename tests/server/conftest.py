@@ -36,7 +36,9 @@ def server(
         )
     )
     grpc, http, metrics = free_ports(3)
-    with TritonServer(ServerConfig(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)) as running:
+    with TritonServer(
+        ServerConfig(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)
+    ) as running:
         yield running
 
 

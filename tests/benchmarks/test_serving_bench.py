@@ -1,0 +1,57 @@
+"""Smoke test of the serving benchmark's perf_analyzer part: a real server, two short measurements, the CSV."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genrec.benchmarks import serving
+from genrec.benchmarks.serving_data import History, recommend_entry, write_input_data
+from genrec.training.prepare import DataConfig, prepare
+
+pytestmark = pytest.mark.server
+
+
+def _histories(data_config: DataConfig, count: int) -> list[History]:
+    data, _, _ = prepare(data_config)
+    ratings_of = np.concatenate([[0.0], data.action_values])
+    out = []
+    for row in range(count):
+        items, timestamps, actions = data.sequence(row)
+        out.append(
+            History(data.item_vocab.to_raw(items), timestamps, np.rint(ratings_of[actions]).astype(np.int64))
+        )
+    return out
+
+
+def test_perf_analyzer_sweep_on_a_tiny_model(
+    tiny_checkpoint: Path, tiny_data: DataConfig, tmp_path: Path
+) -> None:
+    cfg = dataclasses.replace(
+        serving.ServingBenchConfig(), work_dir=tmp_path / "work", retrieve_k=30, window_s=1.0, min_requests=5
+    )
+    repository = serving.build(tiny_checkpoint, serving.SMALL_TORCH, cfg)
+    histories = _histories(tiny_data, 8)
+    inputs = write_input_data(tmp_path / "inputs.json", [recommend_entry(h, k=10) for h in histories])
+    with serving.running_servers([repository], threads=1, log_dir=tmp_path / "logs") as (server,):
+        rate = serving.warm_up(server.url, histories, requests=2, k=10)
+        target = serving.Target("tiny", server.url, "recommend", inputs, rate)
+        serving.sweep([target], (1, 2), cfg, tmp_path / "raw")
+
+    assert [p.concurrency for p in target.points] == [1, 2]
+    for point in target.points:
+        rows = serving.parse_perf_csv(tmp_path / "raw" / f"tiny__recommend__c{point.concurrency}.csv")
+        assert rows[0]["Inferences/Second"] > 0
+        assert point.throughput > 0 and 0 < point.p50_ms <= point.p99_ms
+        # The ensemble's composing models, as perf_analyzer reports them, each saw every request.
+        assert {m.model for m in point.composing} == {
+            "user_encoder",
+            "item_retrieval",
+            "candidate_scorer",
+            "top_n",
+        }
+        assert point.server is not None
+        assert all(m.inferences == point.server.inferences for m in point.composing)
