@@ -83,25 +83,35 @@ def time_call(
 
 
 def time_interleaved(
-    fns: Sequence[Callable[[], object]], warmup: int = 2, repeats: int = 7, min_seconds: float = 0.0
+    fns: Sequence[Callable[[], object]],
+    warmup: int = 2,
+    repeats: int = 7,
+    min_seconds: float = 0.0,
+    calls_per_round: Sequence[int] | None = None,
 ) -> list[Timing]:
-    """Time several calls round-robin (one call of each per round), so that they see the same background
-    load: on a shared machine this keeps their *ratio* honest even when the absolute times drift.
-    Runs at least ``repeats`` rounds and until the rounds add up to ``min_seconds``."""
+    """Time several calls round-robin, so that they see the same background load: on a shared machine this
+    keeps their *ratio* honest even when the absolute times drift. Each round makes ``calls_per_round[i]``
+    timed calls of ``fns[i]`` (default 1 each: give a fast call more, so its median rests on more samples
+    spread over the same period). Runs at least ``repeats`` rounds and until they add up to ``min_seconds``."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    calls = list(calls_per_round) if calls_per_round is not None else [1] * len(fns)
+    if len(calls) != len(fns) or min(calls, default=1) < 1:
+        raise ValueError(f"calls_per_round {calls} must give >= 1 call for each of the {len(fns)} functions")
     for fn in fns:
         for _ in range(warmup):
             fn()
     samples: list[list[float]] = [[] for _ in fns]
-    total = 0.0
-    while len(samples[0]) < repeats or total < min_seconds:
-        for fn, mine in zip(fns, samples, strict=True):
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            mine.append(elapsed)
-            total += elapsed
+    total, rounds = 0.0, 0
+    while rounds < repeats or total < min_seconds:
+        for fn, mine, count in zip(fns, samples, calls, strict=True):
+            for _ in range(count):
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                mine.append(elapsed)
+                total += elapsed
+        rounds += 1
     return [summarize(mine) for mine in samples]
 
 
@@ -256,9 +266,11 @@ def write_markdown(
     notes: Sequence[str] = (),
     sections: Sequence[Section] = (),
     image: Path | None = None,
+    machine: str | None = None,
 ) -> None:
     """A report: title, how it was produced (command, revision, machine, date), the table, more sections,
-    an optional image (linked relative to the report) and notes."""
+    an optional image (linked relative to the report) and notes. ``machine``: the description taken when
+    the run started (its load average is the one that mattered); default: described now."""
     path.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
@@ -266,7 +278,7 @@ def write_markdown(
         "",
         f"- command: `{command}`",
         f"- revision: `{git_revision()}`",
-        f"- machine: {machine_description()}",
+        f"- machine: {machine or machine_description()}",
         f"- date: {now}",
         "",
         markdown_table(headers, rows),

@@ -54,16 +54,19 @@ def _by_score_then_id(scores: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
 def _chunk_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(B, n) scores -> the k best (values, local indices), ties at the k-th value resolved by lower index.
 
-    ``torch.topk`` is fast but picks arbitrarily among values tied with the k-th; when a row has such a tie
-    (rare with float scores, always with excluded -inf items in a tiny chunk) the chunk falls back to a stable
-    full sort, which keeps lower indices first.
+    ``torch.topk`` is fast but picks arbitrarily among values tied with the k-th. Asking it for k+1 shows
+    whether such a tie crosses the cut (the (k+1)-th value equals the k-th); only then (rare with float
+    scores; always when excluded -inf items reach the cut of a tiny chunk) does the chunk fall back to a
+    stable full sort, which keeps lower indices first.
     """
-    values, index = scores.topk(k, dim=1)
-    kth = values[:, -1:]
-    if bool(((scores >= kth).sum(dim=1) > k).any()):
+    n = scores.shape[1]
+    if k >= n:
         values, index = scores.sort(dim=1, descending=True, stable=True)
-        values, index = values[:, :k], index[:, :k]
-    return values, index
+        return values[:, :k], index[:, :k]
+    values, index = scores.topk(k + 1, dim=1)
+    if bool((values[:, k - 1] == values[:, k]).any()):
+        values, index = scores.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], index[:, :k]
 
 
 @torch.no_grad()
