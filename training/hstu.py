@@ -142,11 +142,12 @@ class HSTU(nn.Module):
         nn.init.normal_(self.actions.weight, std=0.1 * config.d_model**-0.5)
         self.input_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_layers))
+        correction = nn.Linear(config.d_model, config.num_tasks)
+        # The served score starts as exactly the retrieval logit; the head learns only a correction to it.
+        nn.init.zeros_(correction.weight)
+        nn.init.zeros_(correction.bias)
         self.rank_head = nn.Sequential(
-            nn.LayerNorm(config.d_model),
-            nn.Linear(config.d_model, config.d_model),
-            nn.SiLU(),
-            nn.Linear(config.d_model, config.num_tasks),
+            nn.LayerNorm(config.d_model), nn.Linear(config.d_model, config.d_model), nn.SiLU(), correction
         )
 
     @property

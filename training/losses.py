@@ -87,7 +87,11 @@ def ranking_loss(
     candidates = torch.cat([positives[:, None], hard, uniform.to(device)], dim=1)  # (P, 1 + M)
     request_time = batch.timestamps[rows, cuts - 1]
     logits = model.score_candidates(cache.select(rows).with_lengths(cuts), history_user, candidates, request_time)
-    engagement = logits[..., 0]
+    # Only the head's correction learns from this loss: the retrieval logit inside the served score is trained
+    # by the sampled softmax alone, so hard negatives here cannot pull the retrieval embeddings around.
+    retrieval = torch.einsum("pd,pcd->pc", history_user, F.normalize(model.items(candidates), dim=-1))
+    retrieval = retrieval / model.config.temperature
+    engagement = logits[..., 0] - retrieval + retrieval.detach()
     accidental = (candidates[:, 1:] == positives[:, None])
     engagement = torch.cat([engagement[:, :1], engagement[:, 1:].masked_fill(accidental, float("-inf"))], dim=1)
     loss = config.rank_weight * F.cross_entropy(engagement, torch.zeros_like(positives))
