@@ -50,18 +50,22 @@ def ml100k_histories(num_users: int, max_len: int, seed: int = 0) -> list[Histor
     for row in rows:
         items, timestamps, actions = data.sequence(int(row))
         keep = slice(max(0, len(items) - 1 - max_len), len(items) - 1)
-        out.append(History(
-            items=data.item_vocab.to_raw(items[keep]).astype(np.int64),
-            timestamps=timestamps[keep].astype(np.int64),
-            ratings=np.rint(ratings_of[actions[keep]]).astype(np.int64),
-        ))
+        out.append(
+            History(
+                items=data.item_vocab.to_raw(items[keep]).astype(np.int64),
+                timestamps=timestamps[keep].astype(np.int64),
+                ratings=np.rint(ratings_of[actions[keep]]).astype(np.int64),
+            )
+        )
     return out
 
 
 def length_summary(histories: Sequence[History]) -> str:
     lengths = np.array([len(h) for h in histories])
-    return (f"{len(lengths)} histories, length min {lengths.min()} / median {np.median(lengths):.0f} / "
-            f"p90 {np.percentile(lengths, 90):.0f} / max {lengths.max()}")
+    return (
+        f"{len(lengths)} histories, length min {lengths.min()} / median {np.median(lengths):.0f} / "
+        f"p90 {np.percentile(lengths, 90):.0f} / max {lengths.max()}"
+    )
 
 
 # ---- perf_analyzer's --input-data JSON ---------------------------------------------------------------------
@@ -71,8 +75,8 @@ def tensor_json(array: np.ndarray, b64: bool = False) -> dict[str, Any]:
     """One tensor of one request (no batch dimension)."""
     array = np.asarray(array)
     if b64:
-        content: Any = {"b64": base64.b64encode(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
-                                                .tobytes()).decode("ascii")}
+        raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        content: Any = {"b64": base64.b64encode(raw).decode("ascii")}
     else:
         content = array.reshape(-1).tolist()
     return {"content": content, "shape": list(array.shape)}
@@ -101,6 +105,7 @@ def read_histories(path: Path) -> list[History]:
     entries = json.loads(Path(path).read_text())["data"]
     out = []
     for entry in entries:
+
         def values(name: str, entry: dict[str, Any] = entry) -> np.ndarray:
             tensor = entry[name]
             return np.asarray(tensor["content"] if isinstance(tensor, dict) else tensor, dtype=np.int64)
@@ -108,67 +113,91 @@ def read_histories(path: Path) -> list[History]:
         items = values(protocol.HISTORY_ITEM_IDS)
         timestamps = values(protocol.HISTORY_TIMESTAMPS) if protocol.HISTORY_TIMESTAMPS in entry else None
         ratings = values(protocol.HISTORY_ACTIONS) if protocol.HISTORY_ACTIONS in entry else None
-        out.append(History(
-            items=items,
-            timestamps=timestamps if timestamps is not None else np.zeros(len(items), np.int64),
-            ratings=ratings if ratings is not None else np.zeros(len(items), np.int64),
-        ))
+        out.append(
+            History(
+                items=items,
+                timestamps=timestamps if timestamps is not None else np.zeros(len(items), np.int64),
+                ratings=ratings if ratings is not None else np.zeros(len(items), np.int64),
+            )
+        )
     if not out:
         raise ValueError(f"{path} holds no requests under 'data'")
     return out
 
 
-def composing_entries(url: str, histories: Sequence[History], k: int = 10,
-                      exclude_seen: bool = True) -> dict[str, list[dict[str, Any]]]:
+def composing_entries(
+    url: str, histories: Sequence[History], k: int = 10, exclude_seen: bool = True
+) -> dict[str, list[dict[str, Any]]]:
     """Inputs of each composing model, for calling it directly: the real intermediate tensors of each
     history, computed by the running server (user_encoder, then item_retrieval, then candidate_scorer)."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
     from genrec.builders import handlers as h
 
-    def infer(client: grpcclient.InferenceServerClient, model: str, tensors: dict[str, np.ndarray],
-              outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(
+        client: grpcclient.InferenceServerClient,
+        model: str,
+        tensors: dict[str, np.ndarray],
+        outputs: Sequence[str],
+    ) -> dict[str, np.ndarray]:
         inputs = []
         for name, array in tensors.items():
             batched = np.asarray(array)[None]
-            dtype = "BOOL" if batched.dtype == np.bool_ else str(batched.dtype).upper().replace("FLOAT", "FP")
-            tensor = grpcclient.InferInput(name, list(batched.shape), dtype)
+            tensor = grpcclient.InferInput(name, list(batched.shape), np_to_triton_dtype(batched.dtype))
             tensor.set_data_from_numpy(batched)
             inputs.append(tensor)
-        result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-                              client_timeout=300)
+        result = client.infer(
+            model, inputs, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs], client_timeout=300
+        )
         return {o: result.as_numpy(o)[0] for o in outputs}
 
-    out: dict[str, list[dict[str, Any]]] = {"user_encoder": [], "item_retrieval": [], "candidate_scorer": [],
-                                            "top_n": []}
+    out: dict[str, list[dict[str, Any]]] = {
+        "user_encoder": [],
+        "item_retrieval": [],
+        "candidate_scorer": [],
+        "top_n": [],
+    }
     exclude = np.array([exclude_seen])
     with grpcclient.InferenceServerClient(url) as client:
         for history in histories:
-            request = {protocol.HISTORY_ITEM_IDS: history.items, protocol.HISTORY_TIMESTAMPS: history.timestamps,
-                       protocol.HISTORY_ACTIONS: history.ratings}
+            request = {
+                protocol.HISTORY_ITEM_IDS: history.items,
+                protocol.HISTORY_TIMESTAMPS: history.timestamps,
+                protocol.HISTORY_ACTIONS: history.ratings,
+            }
             cache_names = (h.USER_EMBEDDING, h.KV_KEYS, h.KV_VALUES, h.KV_TIMESTAMPS)
             cache = infer(client, "user_encoder", request, cache_names)
-            retrieval_in = {h.USER_EMBEDDING: cache[h.USER_EMBEDDING], protocol.HISTORY_ITEM_IDS: history.items,
-                            protocol.EXCLUDE_SEEN: exclude}
+            retrieval_in = {
+                h.USER_EMBEDDING: cache[h.USER_EMBEDDING],
+                protocol.HISTORY_ITEM_IDS: history.items,
+                protocol.EXCLUDE_SEEN: exclude,
+            }
             retrieved = infer(client, "item_retrieval", retrieval_in, (h.RETRIEVED_ITEM_IDS,))
             scorer_in = {**cache, protocol.CANDIDATE_ITEM_IDS: retrieved[h.RETRIEVED_ITEM_IDS]}
             scores = infer(client, "candidate_scorer", scorer_in, (protocol.SCORES,))
             out["user_encoder"].append({name: tensor_json(a) for name, a in request.items()})
-            out["item_retrieval"].append({
-                h.USER_EMBEDDING: tensor_json(cache[h.USER_EMBEDDING], b64=True),
-                protocol.HISTORY_ITEM_IDS: tensor_json(history.items),
-                protocol.EXCLUDE_SEEN: tensor_json(exclude),
-            })
-            out["candidate_scorer"].append({
-                h.USER_EMBEDDING: tensor_json(cache[h.USER_EMBEDDING], b64=True),
-                h.KV_KEYS: tensor_json(cache[h.KV_KEYS], b64=True),
-                h.KV_VALUES: tensor_json(cache[h.KV_VALUES], b64=True),
-                h.KV_TIMESTAMPS: tensor_json(cache[h.KV_TIMESTAMPS]),
-                protocol.CANDIDATE_ITEM_IDS: tensor_json(retrieved[h.RETRIEVED_ITEM_IDS]),
-            })
-            out["top_n"].append({
-                h.RETRIEVED_ITEM_IDS: tensor_json(retrieved[h.RETRIEVED_ITEM_IDS]),
-                h.CANDIDATE_SCORES: tensor_json(scores[protocol.SCORES], b64=True),
-                protocol.K: tensor_json(np.array([k], np.int32)),
-            })
+            out["item_retrieval"].append(
+                {
+                    h.USER_EMBEDDING: tensor_json(cache[h.USER_EMBEDDING], b64=True),
+                    protocol.HISTORY_ITEM_IDS: tensor_json(history.items),
+                    protocol.EXCLUDE_SEEN: tensor_json(exclude),
+                }
+            )
+            out["candidate_scorer"].append(
+                {
+                    h.USER_EMBEDDING: tensor_json(cache[h.USER_EMBEDDING], b64=True),
+                    h.KV_KEYS: tensor_json(cache[h.KV_KEYS], b64=True),
+                    h.KV_VALUES: tensor_json(cache[h.KV_VALUES], b64=True),
+                    h.KV_TIMESTAMPS: tensor_json(cache[h.KV_TIMESTAMPS]),
+                    protocol.CANDIDATE_ITEM_IDS: tensor_json(retrieved[h.RETRIEVED_ITEM_IDS]),
+                }
+            )
+            out["top_n"].append(
+                {
+                    h.RETRIEVED_ITEM_IDS: tensor_json(retrieved[h.RETRIEVED_ITEM_IDS]),
+                    h.CANDIDATE_SCORES: tensor_json(scores[protocol.SCORES], b64=True),
+                    protocol.K: tensor_json(np.array([k], np.int32)),
+                }
+            )
     return out

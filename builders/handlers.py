@@ -146,6 +146,28 @@ def _pad(rows: list[np.ndarray], fill: int | float = 0) -> tuple[np.ndarray, np.
     return out, lengths
 
 
+def length_groups(lengths: np.ndarray, max_ratio: float = 1.5, floor: int = 32) -> list[np.ndarray]:
+    """Indices grouped by similar length, so no group pads a short history to a long one's length (the cost of
+    attention grows with the padded length): within a group the longest is at most max_ratio x the shortest,
+    or at most `floor` events."""
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[i]] > max(floor, max_ratio * lengths[order[start]]):
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
+def _in_length_groups(rows: list, lengths: np.ndarray, compute) -> list:  # type: ignore[no-untyped-def]
+    """compute(sub-list) per length group, results back in the rows' order."""
+    results: list = [None] * len(rows)
+    for group in length_groups(lengths):
+        for i, result in zip(group, compute([rows[i] for i in group]), strict=True):
+            results[i] = result
+    return results
+
+
 def _run_valid(requests: list[Request], parse, compute) -> list[Result]:  # type: ignore[no-untyped-def]
     """Parse each request; compute the valid ones as one batch; errors stay with their own request."""
     results: list[Result] = []
@@ -170,6 +192,9 @@ class UserEncoder:
         return _run_valid(requests, lambda r: parse_history(r, self.catalogue, self.max_len), self._encode)
 
     def _encode(self, histories: list[History]) -> list[dict[str, np.ndarray]]:
+        return _in_length_groups(histories, np.array([len(h.items) for h in histories]), self._encode_group)
+
+    def _encode_group(self, histories: list[History]) -> list[dict[str, np.ndarray]]:
         items, lengths = _pad([h.items for h in histories])
         timestamps, _ = _pad([h.timestamps for h in histories])
         actions, _ = _pad([h.actions for h in histories])
@@ -215,6 +240,9 @@ class CandidateScorer:
         return _run_valid(requests, self._parse, self._score)
 
     def _score(self, parsed: list[tuple[np.ndarray, ...]]) -> list[dict[str, np.ndarray]]:
+        return _in_length_groups(parsed, np.array([len(p[2]) for p in parsed]), self._score_group)
+
+    def _score_group(self, parsed: list[tuple[np.ndarray, ...]]) -> list[dict[str, np.ndarray]]:
         keys, lengths = _pad([p[0] for p in parsed])  # (B, L, layers, H, d)
         values, _ = _pad([p[1] for p in parsed])
         timestamps, _ = _pad([p[2] for p in parsed])

@@ -58,6 +58,7 @@ def ranking_loss(
     high_rating: Tensor,
     config: LossConfig,
     generator: torch.Generator,
+    cuts: Tensor | None = None,
 ) -> Tensor:
     """Target-aware objective for the candidate scorer.
 
@@ -66,14 +67,18 @@ def ranking_loss(
     the current retrieval's hard negatives plus uniform items. Loss = listwise softmax over the candidates
     (task 0) + BCE of "rated highly" on the positive (task 1, only where the action is known).
     user (B, T, D) per-prefix user embeddings; high_rating (num_actions,) bool per action id.
+    cuts (B,): one given cut point per sequence instead of random ones (the held-out fine-tuning stage).
     """
     device = batch.items.device
-    eligible = (batch.lengths >= 2).nonzero().squeeze(1)
-    if eligible.numel() == 0:
-        return user.sum() * 0.0
-    rows = eligible.repeat_interleave(config.rank_cuts)  # (P,)
-    span = (batch.lengths[rows] - 1).float()
-    cuts = 1 + (torch.rand(rows.shape[0], generator=generator).to(device) * span).long()  # c in [1, len-1]
+    if cuts is not None:
+        rows = torch.arange(batch.batch_size, device=device)
+    else:
+        eligible = (batch.lengths >= 2).nonzero().squeeze(1)
+        if eligible.numel() == 0:
+            return user.sum() * 0.0
+        rows = eligible.repeat_interleave(config.rank_cuts)  # (P,)
+        span = (batch.lengths[rows] - 1).float()
+        cuts = 1 + (torch.rand(rows.shape[0], generator=generator).to(device) * span).long()  # c in [1, len-1]
     positives = batch.items[rows, cuts]
     history_user = user[rows, cuts - 1]  # (P, D)
     table = model.item_table()

@@ -31,7 +31,7 @@ from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.losses import LossConfig, next_item_targets, ranking_loss, sampled_softmax_loss
 from genrec.training.metrics import EvalConfig
 from genrec.training.sasrec import SASRec, SASRecConfig
-from genrec.training.sequences import Histories, SequenceData, Split
+from genrec.training.sequences import EvalBatch, Histories, SequenceData, Split
 
 console = Console(stderr=True)
 
@@ -63,6 +63,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieve_k: int = 100  # the two-stage pipeline's retrieval depth
+    # Epochs of fitting the ranking head alone on the validation events once retrieval is trained: fresh
+    # events on which retrieval is not over-confident, as a ranker trained after its retriever would see.
+    ranker_finetune_epochs: int = 10
     device: str = "auto"
     out: Path = Path("runs/hstu")
     resume: bool = False
@@ -233,6 +236,8 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         if stop.item():
             break
     model.load_state_dict(best_state)
+    if isinstance(model, HSTU) and config.ranker_finetune_epochs > 0:
+        finetune_ranker(model, valid, high_rating.to(device), config)
     metrics = test_metrics(model, test, config)
     metrics["best_epoch"] = best_epoch
     metrics["epochs_run"] = epoch + 1
@@ -252,6 +257,46 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     if joined:
         dist.destroy_process_group()
     return metrics
+
+
+def finetune_ranker(model: HSTU, held_out: Split, high_rating: Tensor, config: TrainConfig) -> None:
+    """Fit only the ranking head on held-out next events (history -> its next item), retrieval frozen."""
+    device = next(model.parameters()).device
+    head = list(model.rank_head.parameters())
+    trainable = {id(p) for p in head}
+    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(head, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed + 17)
+    model.eval()  # no dropout: the head learns on the features it will be served
+    encoded = []  # the frozen model's K/V and user embeddings, computed once for every epoch
+    with torch.no_grad():
+        for chunk in held_out.to_batches(config.batch_size, model.config.max_len - 1):
+            batch = _append_targets(chunk).to(device)
+            encoded.append((batch, *model.encode_with_cache(batch)))
+    for _ in range(config.ranker_finetune_epochs):
+        for batch, user, cache in encoded:
+            loss = ranking_loss(model, batch, user, cache, high_rating, config.loss, generator,
+                                cuts=batch.lengths - 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for p in frozen:
+        p.requires_grad_(True)
+
+
+def _append_targets(chunk: EvalBatch) -> SequenceBatch:
+    """History (B, T) + each user's held-out next event -> (B, T+1) sequences ending with the target."""
+    history = chunk.history
+    rows = torch.arange(history.batch_size)
+    out = []
+    for values, target in ((history.items, chunk.target_items), (history.timestamps, chunk.target_timestamps),
+                           (history.actions, chunk.target_actions)):
+        grown = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)
+        grown[rows, history.lengths] = target
+        out.append(grown)
+    return SequenceBatch(out[0], out[1], out[2], history.lengths + 1)
 
 
 def test_metrics(model: nn.Module, test: Split, config: TrainConfig) -> dict[str, Any]:

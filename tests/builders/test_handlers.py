@@ -130,3 +130,11 @@ def test_faiss_retrieval_matches_brute_force_on_a_small_catalogue(tiny_checkpoin
         assert not set(got[h.RETRIEVED_ITEM_IDS][0]) & set(request[protocol.HISTORY_ITEM_IDS][0])
         overlap = len(set(want[h.RETRIEVED_ITEM_IDS][0]) & set(got[h.RETRIEVED_ITEM_IDS][0]))
         assert overlap >= 9  # HNSW on 120 items is close to exact
+
+
+def test_length_groups_keep_padding_small() -> None:
+    lengths = np.array([500, 3, 40, 20, 510, 35, 300])
+    groups = h.length_groups(lengths)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    for group in groups:
+        assert lengths[group].max() <= max(32, 1.5 * lengths[group].min())
