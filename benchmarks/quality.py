@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", choices=["HSTU", "SASRec"], default=["HSTU", "SASRec"])
     parser.add_argument("--epochs", type=int, default=15, help="training budget per model and seed")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--max-minutes", type=float, default=None, help="optional wall-clock cap per run")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     data = DataConfig()
-    runs: dict[str, list[dict[str, Any]]] = {"HSTU": [], "SASRec": []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.models}
     for seed in args.seeds:
         for name in runs:
             config = TrainConfig(
@@ -79,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     full = {name: summarise(r, "full") for name, r in runs.items()}
     sampled = {name: summarise(r, "sampled") for name, r in runs.items()}
-    pipeline = {
-        "HSTU retrieval only": full["HSTU"],
-        "HSTU two-stage (retrieve 100, re-rank)": summarise(runs["HSTU"], "two_stage"),
-    }
+    pipeline = {}
+    if "HSTU" in runs:
+        pipeline = {
+            "HSTU retrieval only": full["HSTU"],
+            "HSTU two-stage (retrieve 100, re-rank)": summarise(runs["HSTU"], "two_stage"),
+        }
     for title, rows in (("full ranking", full), ("sampled (100 negatives)", sampled), ("pipeline", pipeline)):
         table = Table(title=f"MovieLens-100K, {title}, mean ± std over seeds {args.seeds}")
         table.add_column("model")
@@ -93,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(table)
 
     command = "python -m genrec.benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    first = runs["HSTU"][0]["protocol"]
+    first = next(iter(runs.values()))[0]["protocol"]
     epochs = {name: [r["epochs_run"] for r in rs] for name, rs in runs.items()}
     lines = [
-        "# Quality on MovieLens-100K: HSTU vs SASRec",
+        "# Quality on MovieLens-100K: " + " vs ".join(args.models),
         "",
         f"- command: `{command.strip()}`",
         f"- revision: {git_revision()}; wall time: {wall / 60:.1f} min; machine: {machine_description()}",
@@ -120,17 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table_markdown(pipeline),
         "",
-        "![HR@10 and NDCG@10](quality_ml100k.png)",
+        f"![HR@10 and NDCG@10]({args.out.with_suffix('.png').name})",
         "",
-        "Per-seed metrics: `quality_ml100k.json`.",
+        f"Per-seed metrics: `{args.out.with_suffix('.json').name}`.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(runs, indent=2))
-    _plot(
-        {**full, "HSTU two-stage": pipeline["HSTU two-stage (retrieve 100, re-rank)"]},
-        args.out.with_suffix(".png"),
-    )
+    two_stage = {"HSTU two-stage": pipeline["HSTU two-stage (retrieve 100, re-rank)"]} if pipeline else {}
+    _plot({**full, **two_stage}, args.out.with_suffix(".png"))
     console.print(f"wrote {args.out} ({wall / 60:.1f} min)")
     return 0
 
