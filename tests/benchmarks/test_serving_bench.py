@@ -46,7 +46,8 @@ def test_perf_analyzer_sweep_on_a_tiny_model(
         rows = serving.parse_perf_csv(tmp_path / "raw" / f"tiny__recommend__c{point.concurrency}.csv")
         assert rows[0]["Inferences/Second"] > 0
         assert point.throughput > 0 and 0 < point.p50_ms <= point.p99_ms
-        # The ensemble's composing models, as perf_analyzer reports them, each saw every request.
+        # The ensemble's composing models, as perf_analyzer reports them, each saw the window's requests (up to
+        # the requests in flight when a window's statistics were read).
         assert {m.model for m in point.composing} == {
             "user_encoder",
             "item_retrieval",
@@ -54,4 +55,5 @@ def test_perf_analyzer_sweep_on_a_tiny_model(
             "top_n",
         }
         assert point.server is not None
-        assert all(m.inferences == point.server.inferences for m in point.composing)
+        assert all(abs(m.inferences - point.server.inferences) <= 2 * point.concurrency for m in point.composing)
+        assert all(m.inferences > 0 for m in point.composing)
