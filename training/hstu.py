@@ -19,7 +19,7 @@ exactly independent of batch padding and of how a history was split between pref
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -63,12 +63,17 @@ def reference_preset(num_items: int, **overrides: int) -> HSTUConfig:
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values of a batch of histories, right-padded to the batch's maximum."""
+    """Per-layer keys and values of a batch of histories, right-padded to the batch's maximum.
+
+    ``arena``, when set, is spare storage the tensors are views of: a returning user's new events are written
+    into it in place instead of copying the whole cache (see ``KVArena``).
+    """
 
     keys: Tensor  # (layers, B, L, H, d_qk)
     values: Tensor  # (layers, B, L, H, d_v)
     timestamps: Tensor  # (B, L) int64
     lengths: Tensor  # (B,) int64
+    arena: KVArena | None = field(default=None, repr=False, compare=False)
 
     def select(self, index: Tensor) -> KVCache:
         """Rows `index` (N,) of the batch, e.g. one copy per cut point in training."""
@@ -76,7 +81,50 @@ class KVCache:
 
     def with_lengths(self, lengths: Tensor) -> KVCache:
         """The same cache seen as its first `lengths` (B,) events (valid because layers are causal)."""
-        return KVCache(self.keys, self.values, self.timestamps, lengths)
+        return KVCache(self.keys, self.values, self.timestamps, lengths, self.arena)
+
+
+class KVArena:
+    """Cache storage with room to append: (layers, B, capacity + 1, ...), the last column a scratch slot for padding.
+
+    ``filled`` (B,) counts the events written per row. Appending in place is safe only at ``filled``: a cache whose
+    lengths differ (an older view, a branch) gets a fresh copy instead, so no cache handed out is ever overwritten.
+    In-place writes happen only without autograd and in the inference mode the storage was made in.
+    """
+
+    def __init__(self, like: KVCache, width: int, capacity: int) -> None:
+        layers, b, _, heads, d_qk = like.keys.shape
+        self.capacity = capacity
+        self.inference = torch.is_inference_mode_enabled()
+        self.keys = like.keys.new_zeros((layers, b, capacity + 1, heads, d_qk))
+        self.values = like.values.new_zeros((layers, b, capacity + 1, heads, like.values.shape[-1]))
+        self.timestamps = like.timestamps.new_zeros((b, capacity + 1))
+        old = min(like.keys.shape[2], width)  # columns past a row's length are never read before being written
+        self.keys[:, :, :old] = like.keys[:, :, :old]
+        self.values[:, :, :old] = like.values[:, :, :old]
+        self.timestamps[:, :old] = like.timestamps[:, :old]
+        self.filled = like.lengths
+
+    @classmethod
+    def for_append(cls, cache: KVCache, width: int) -> KVArena:
+        """Storage that can take the cache's events plus new ones up to `width`: its own arena if it may."""
+        arena = cache.arena
+        if (
+            arena is not None
+            and not torch.is_grad_enabled()
+            and arena.inference == torch.is_inference_mode_enabled()
+            and width <= arena.capacity
+            and cache.keys.data_ptr() == arena.keys.data_ptr()
+            and cache.values.data_ptr() == arena.values.data_ptr()
+            and cache.timestamps.data_ptr() == arena.timestamps.data_ptr()
+            and torch.equal(cache.lengths, arena.filled)
+        ):
+            return arena
+        return cls(cache, width, capacity=width + max(16, width // 2))  # geometric growth: amortised O(1)
+
+    def view(self, width: int, lengths: Tensor) -> KVCache:
+        self.filled = lengths
+        return KVCache(self.keys[:, :, :width], self.values[:, :, :width], self.timestamps[:, :width], lengths, self)
 
 
 def time_bucket(seconds: Tensor, num_buckets: int) -> Tensor:
@@ -193,42 +241,52 @@ class HSTU(nn.Module):
         return F.normalize(outputs, dim=-1), cache
 
     def _run_layers(self, batch: SequenceBatch, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        if cache is None:
+            return self._forward(batch)
+        return self._append(batch, cache)
+
+    def _forward(self, batch: SequenceBatch) -> tuple[Tensor, KVCache]:
+        """The plain forward over whole histories: keys are the events themselves (shape-only, so it exports)."""
         b, n = batch.items.shape
-        device = batch.items.device
-        if cache is None:  # the plain forward: keys are the events themselves (shape-only, so it exports)
-            total = batch.lengths
-            new_pos = torch.arange(n, device=device)[None, :].expand(b, n)  # (B, N)
-            timestamps = batch.timestamps
-        else:  # new events land after each row's cached events
-            total = cache.lengths + batch.lengths  # (B,)
-            width = int(total.max())
-            new_pos = cache.lengths[:, None] + torch.arange(n, device=device)[None, :]
-            new_pos = torch.where(batch.valid_mask(), new_pos, width)  # padding goes to a scratch column
-            rows = torch.arange(b, device=device)[:, None]
-
-            def combine(old: Tensor, new: Tensor) -> Tensor:
-                """Scatter new (B, N, ...) after each row's cached part of old (B, L, ...) -> (B, width, ...)."""
-                out = new.new_zeros((b, width + 1, *new.shape[2:]))
-                out[:, : old.shape[1]] = old[:, :width]
-                out[rows, new_pos] = new
-                return out[:, :width]
-
-            timestamps = combine(cache.timestamps, batch.timestamps)
-        key_pos = torch.arange(timestamps.shape[1], device=device)
-        distance = new_pos[:, :, None] - key_pos[None, None, :]  # (B, N, W)
-        mask = ((distance >= 0) & (key_pos[None, None, :] < total[:, None, None])).float()
-        buckets = RelativeBias.buckets(distance, batch.timestamps[:, :, None] - timestamps[:, None, :], self.config)
-
+        positions = torch.arange(n, device=batch.items.device)
+        distance = (positions[:, None] - positions[None, :]).expand(b, n, n)
+        mask = ((distance >= 0) & (positions[None, None, :] < batch.lengths[:, None, None])).float()
+        gaps = batch.timestamps[:, :, None] - batch.timestamps[:, None, :]
+        buckets = RelativeBias.buckets(distance, gaps, self.config)
         x = self.embed(batch.items, batch.actions)
         keys, values = [], []
-        for i, layer in enumerate(self.blocks):
+        for layer in self.blocks:
             u, v, q, k = layer.project(x)
-            if cache is not None:
-                k, v = combine(cache.keys[i], k), combine(cache.values[i], v)
             x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask), u)
             keys.append(k)
             values.append(v)
-        return x, KVCache(torch.stack(keys), torch.stack(values), timestamps, total)
+        return x, KVCache(torch.stack(keys), torch.stack(values), batch.timestamps, batch.lengths)
+
+    def _append(self, batch: SequenceBatch, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """New events land after each row's cached events, written into the cache's arena (in place if it may)."""
+        b, n = batch.items.shape
+        device = batch.items.device
+        total = cache.lengths + batch.lengths  # (B,)
+        width = int(total.max())
+        arena = KVArena.for_append(cache, width)
+        new_pos = cache.lengths[:, None] + torch.arange(n, device=device)[None, :]
+        write_pos = torch.where(batch.valid_mask(), new_pos, arena.capacity)  # padding goes to the scratch column
+        rows = torch.arange(b, device=device)[:, None]
+        arena.timestamps[rows, write_pos] = batch.timestamps
+        timestamps = arena.timestamps[:, :width]
+
+        key_pos = torch.arange(width, device=device)
+        distance = new_pos[:, :, None] - key_pos[None, None, :]  # (B, N, W)
+        mask = ((distance >= 0) & (key_pos[None, None, :] < total[:, None, None])).float()
+        buckets = RelativeBias.buckets(distance, batch.timestamps[:, :, None] - timestamps[:, None, :], self.config)
+        x = self.embed(batch.items, batch.actions)
+        for i, layer in enumerate(self.blocks):
+            u, v, q, k = layer.project(x)
+            arena.keys[i][rows, write_pos] = k
+            arena.values[i][rows, write_pos] = v
+            x = layer.finish(x, layer.attend(q, arena.keys[i, :, :width], arena.values[i, :, :width],
+                                             layer.bias(buckets), mask), u)
+        return x, arena.view(width, total)
 
     # ---- candidate scoring against the cache ---------------------------------------------------------------
 

@@ -253,6 +253,29 @@ def test_incremental_prefill_equals_one_prefill(case: Case, lengths: tuple[int, 
         assert ((moved - full_user).abs().amax(dim=1) > 10 * TOL).all(), field
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_appending_in_place_never_changes_a_cache_already_handed_out(mode: type) -> None:
+    """A returning user's events go into the cache's spare room; a branch off an older cache gets a copy."""
+    case = CASES[2]
+    lengths, cuts = (3, 17, 9, 3, 25), [[1, 2], [5, 6], [1, 8], [1, 2], [10, 24]]
+    with mode():
+        model = make_model(case)
+        pieces = split_batch(lengths, case.seed, cuts)
+        first, _ = model.prefill(pieces[0])
+        second, _ = model.prefill(pieces[1], first)  # copied into an arena with spare room
+        assert second.arena is not None and second.arena.capacity > int(second.lengths.max())
+        third, third_user = model.prefill(pieces[2], second)
+        assert third.keys.data_ptr() == second.keys.data_ptr(), "the third piece should be appended in place"
+
+        second_keys, second_values = second.keys.clone(), second.values.clone()
+        branch, _ = model.prefill(pieces[2], second.with_lengths(first.lengths))  # other events after piece 1
+        assert branch.keys.data_ptr() != second.keys.data_ptr(), "a branch must not write into a used arena"
+        assert torch.equal(second.keys, second_keys) and torch.equal(second.values, second_values)
+        again, again_user = model.prefill(pieces[2], second)  # `second` is still exactly reusable
+        assert max_diff(again_user, third_user) <= TOL
+        assert max_diff(model.prefill(pieces[2], third)[1], model.prefill(pieces[2], again)[1]) <= TOL
+
+
 # ---- candidate independence and exact batching -------------------------------------------------------------
 
 
