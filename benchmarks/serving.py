@@ -91,6 +91,7 @@ class ServingBenchConfig:
     small_epochs: int = 3
     small_max_minutes: float = 3.0  # checked between epochs
     reference_epochs: int = 1
+    reference_max_minutes: float = 3.0  # checked between epochs; serving speed does not depend on quality
     comparisons: bool = True  # also serve reference with batching off and small with onnx
     work_dir: Path = REPO_ROOT / "runs" / "bench"
     out_dir: Path = RESULTS_DIR
@@ -898,7 +899,12 @@ def run(cfg: ServingBenchConfig, command: str) -> int:
     models = {"small": small}
     if cfg.comparisons:
         models["reference"] = make_checkpoint(
-            "reference", cfg.reference_checkpoint, cfg.reference_weights, cfg.reference_epochs, None, cfg
+            "reference",
+            cfg.reference_checkpoint,
+            cfg.reference_weights,
+            cfg.reference_epochs,
+            cfg.reference_max_minutes,
+            cfg,
         )
     groups: list[tuple[str, list[Served]]] = (
         [("reference", [REF_ON, REF_OFF]), ("small", [SMALL_TORCH, SMALL_ONNX])]

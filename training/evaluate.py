@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from genrec.training.hstu import HSTU
 from genrec.training.metrics import EvalConfig, mask_scores, metrics_from_ranks, target_ranks
@@ -25,7 +27,46 @@ def evaluate(model: nn.Module, data: Split, config: EvalConfig, batch_size: int 
     return metrics_from_ranks(torch.cat(ranks).cpu())
 
 
+@dataclass(frozen=True)
+class Reranked:
+    """One batch of the two-stage pipeline: retrieved candidates (B, R), their retrieval logits / temperature
+    and the ranking head's correction (B, R) (served score = retrieval + correction), the targets (B,)."""
+
+    candidates: Tensor
+    retrieval: Tensor
+    correction: Tensor
+    targets: Tensor
+
+    def ranks(self, weight: float = 1.0) -> Tensor:
+        """Target ranks under retrieval + weight * correction; a target outside the candidates ranks last."""
+        scores = self.retrieval + weight * self.correction
+        hit = self.candidates == self.targets[:, None]
+        target_score = torch.where(hit, scores, float("-inf")).max(dim=1).values
+        inside = (scores >= target_score[:, None]).sum(1) - 1
+        return torch.where(hit.any(1), inside, torch.full_like(inside, 1 << 40))
+
+
 @torch.no_grad()
+def rerank(model: HSTU, data: Split, config: EvalConfig, retrieve_k: int = 100, batch_size: int = 128) -> list[Reranked]:
+    """Retrieve top-`retrieve_k` by <user, item> (under `config`'s masking), score them with the candidate scorer."""
+    if config.protocol != "full":
+        raise ValueError("the two-stage pipeline is evaluated under the full-ranking protocol")
+    model.eval()
+    device = next(model.parameters()).device
+    table = model.item_table()
+    generator = torch.Generator().manual_seed(config.seed)
+    out = []
+    for chunk in data.to_batches(batch_size, model.config.max_len):
+        batch, targets = chunk.history.to(device), chunk.target_items.to(device)
+        cache, user = model.prefill(batch)
+        scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
+        candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)
+        served = model.score_candidates(cache, user, candidates)[..., 0]
+        retrieval = torch.einsum("bd,bcd->bc", user, table[candidates]) / model.config.temperature
+        out.append(Reranked(candidates, retrieval, served - retrieval, targets))
+    return out
+
+
 def evaluate_two_stage(
     model: HSTU, data: Split, config: EvalConfig, retrieve_k: int = 100, batch_size: int = 128
 ) -> dict[str, float]:
@@ -34,21 +75,5 @@ def evaluate_two_stage(
     A target outside the retrieved set counts as a miss (ranked after all retrieved items); ranks inside it
     come from the scorer. Same masking protocol as `evaluate` (full ranking only).
     """
-    if config.protocol != "full":
-        raise ValueError("the two-stage pipeline is evaluated under the full-ranking protocol")
-    model.eval()
-    device = next(model.parameters()).device
-    table = model.item_table()
-    generator = torch.Generator().manual_seed(config.seed)
-    ranks = []
-    for chunk in data.to_batches(batch_size, model.config.max_len):
-        batch, targets = chunk.history.to(device), chunk.target_items.to(device)
-        cache, user = model.prefill(batch)
-        scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
-        candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)
-        rerank = model.score_candidates(cache, user, candidates)[..., 0]
-        hit = candidates == targets[:, None]
-        target_score = torch.where(hit, rerank, float("-inf")).max(dim=1).values
-        inside = (rerank >= target_score[:, None]).sum(1) - 1
-        ranks.append(torch.where(hit.any(1), inside, torch.full_like(inside, table.shape[0])))
-    return metrics_from_ranks(torch.cat(ranks).cpu())
+    parts = rerank(model, data, config, retrieve_k, batch_size)
+    return metrics_from_ranks(torch.cat([p.ranks() for p in parts]).cpu())

@@ -16,7 +16,9 @@ from genrec.training.hstu import HSTU, KVCache
 class LossConfig:
     num_negatives: int = 128  # uniform negatives shared by the batch, plus the batch's own targets
     temperature: float = 0.05
-    rank_cuts: int = 2  # cut points per sequence for the ranking objective
+    # cut points per batch for the ranking objective, spread evenly over its sequences (>= 1 each); each cut
+    # copies its history's K/V, so this bounds the objective's memory whatever the batch size
+    rank_cut_points: int = 256
     rank_hard_negatives: int = 16  # drawn from the current retrieval top-`rank_hard_pool`
     rank_hard_pool: int = 100
     rank_uniform_negatives: int = 16
@@ -58,33 +60,30 @@ def ranking_loss(
     high_rating: Tensor,
     config: LossConfig,
     generator: torch.Generator,
-    cuts: Tensor | None = None,
 ) -> Tensor:
     """Target-aware objective for the candidate scorer.
 
     For random cut points c of each sequence, the history is events [0, c) (read from the full forward's
     cache, exact because layers are causal), the true event c is the positive candidate, and negatives are
-    the current retrieval's hard negatives plus uniform items. Loss = listwise softmax over the candidates
+    the current retrieval's hard negatives (never the user's own items) plus uniform items. Loss = listwise softmax over the candidates
     (task 0) + BCE of "rated highly" on the positive (task 1, only where the action is known).
     user (B, T, D) per-prefix user embeddings; high_rating (num_actions,) bool per action id.
-    cuts (B,): one given cut point per sequence instead of random ones (the held-out fine-tuning stage).
     """
     device = batch.items.device
-    if cuts is not None:
-        rows = torch.arange(batch.batch_size, device=device)
-    else:
-        eligible = (batch.lengths >= 2).nonzero().squeeze(1)
-        if eligible.numel() == 0:
-            return user.sum() * 0.0
-        rows = eligible.repeat_interleave(config.rank_cuts)  # (P,)
-        span = (batch.lengths[rows] - 1).float()
-        cuts = 1 + (torch.rand(rows.shape[0], generator=generator).to(device) * span).long()  # c in [1, len-1]
+    eligible = (batch.lengths >= 2).nonzero().squeeze(1)
+    if eligible.numel() == 0:
+        return user.sum() * 0.0
+    rows = eligible.repeat_interleave(max(1, config.rank_cut_points // eligible.numel()))  # (P,)
+    span = (batch.lengths[rows] - 1).float()
+    cuts = 1 + (torch.rand(rows.shape[0], generator=generator).to(device) * span).long()  # c in [1, len-1]
     positives = batch.items[rows, cuts]
     history_user = user[rows, cuts - 1]  # (P, D)
     table = model.item_table()
     with torch.no_grad():
         retrieval = history_user @ table.T
         retrieval[:, 0] = float("-inf")
+        # the user's own items are neither served (recommend excludes the history) nor fair negatives
+        retrieval.scatter_(1, batch.items[rows], float("-inf"))
         pool = retrieval.topk(min(config.rank_hard_pool, table.shape[0] - 1), dim=1).indices
         pick = torch.randint(0, pool.shape[1], (rows.shape[0], config.rank_hard_negatives), generator=generator)
         hard = pool.gather(1, pick.to(device))

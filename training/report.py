@@ -16,7 +16,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     table.add_column("protocol")
     for column in COLUMNS:
         table.add_column(column, justify="right")
-    for name in ("full", "sampled", "two_stage"):
+    for name in ("full", "sampled", "two_stage", "served_retrieval", "served_two_stage"):
         if name in metrics:
             table.add_row(name, *(f"{metrics[name][c]:.4f}" for c in COLUMNS))
     console = Console()
@@ -24,4 +24,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     for name, text in metrics.get("protocol", {}).items():
         console.print(f"  {name}: {text}")
     if "two_stage" in metrics:
-        console.print(f"  two_stage: retrieve top-{metrics['two_stage']['retrieve_k']}, re-rank with the scorer")
+        console.print(f"  two_stage: retrieve top-{metrics['two_stage']['retrieve_k']}, re-rank with the scorer "
+                      f"(its correction weighted {metrics.get('ranker_weight', 1.0):g}, chosen on validation)")
+    if "served_retrieval" in metrics:
+        console.print("  served_*: as `recommend` serves, the user's history excluded")

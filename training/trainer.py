@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,12 +27,12 @@ from tqdm import tqdm
 from genrec.training.batch import SequenceBatch
 from genrec.training.checkpoint import CheckpointMeta, save_checkpoint
 from genrec.training.embeddings import ItemFeatures
-from genrec.training.evaluate import evaluate, evaluate_two_stage
+from genrec.training.evaluate import evaluate, evaluate_two_stage, rerank
 from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.losses import LossConfig, next_item_targets, ranking_loss, sampled_softmax_loss
-from genrec.training.metrics import EvalConfig
+from genrec.training.metrics import EvalConfig, metrics_from_ranks
 from genrec.training.sasrec import SASRec, SASRecConfig
-from genrec.training.sequences import EvalBatch, Histories, SequenceData, Split
+from genrec.training.sequences import Histories, SequenceData, Split
 
 console = Console(stderr=True)
 
@@ -63,9 +64,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieve_k: int = 100  # the two-stage pipeline's retrieval depth
-    # Epochs of fitting the ranking head alone on the validation events once retrieval is trained: fresh
-    # events on which retrieval is not over-confident, as a ranker trained after its retriever would see.
-    ranker_finetune_epochs: int = 10
+    # Once trained, weigh the ranking head's correction against the retrieval logit on the validation events
+    # (fresh events, on which retrieval is not over-confident): one number, so 943 users are plenty.
+    calibrate_ranker: bool = True
     device: str = "auto"
     out: Path = Path("runs/hstu")
     resume: bool = False
@@ -236,9 +237,10 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         if stop.item():
             break
     model.load_state_dict(best_state)
-    if isinstance(model, HSTU) and config.ranker_finetune_epochs > 0:
-        finetune_ranker(model, valid, high_rating.to(device), config)
+    calibrated = isinstance(model, HSTU) and config.calibrate_ranker
+    ranker_weight = calibrate_ranker(model, valid, config) if calibrated else 1.0  # type: ignore[arg-type]
     metrics = test_metrics(model, test, config)
+    metrics["ranker_weight"] = ranker_weight
     metrics["best_epoch"] = best_epoch
     metrics["epochs_run"] = epoch + 1
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
@@ -259,44 +261,25 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     return metrics
 
 
-def finetune_ranker(model: HSTU, held_out: Split, high_rating: Tensor, config: TrainConfig) -> None:
-    """Fit only the ranking head on held-out next events (history -> its next item), retrieval frozen."""
-    device = next(model.parameters()).device
-    head = list(model.rank_head.parameters())
-    trainable = {id(p) for p in head}
-    frozen = [p for p in model.parameters() if id(p) not in trainable]
-    for p in frozen:
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(head, lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed + 17)
-    model.eval()  # no dropout: the head learns on the features it will be served
-    encoded = []  # the frozen model's K/V and user embeddings, computed once for every epoch
-    with torch.no_grad():
-        for chunk in held_out.to_batches(config.batch_size, model.config.max_len - 1):
-            batch = _append_targets(chunk).to(device)
-            encoded.append((batch, *model.encode_with_cache(batch)))
-    for _ in range(config.ranker_finetune_epochs):
-        for batch, user, cache in encoded:
-            loss = ranking_loss(model, batch, user, cache, high_rating, config.loss, generator,
-                                cuts=batch.lengths - 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    for p in frozen:
-        p.requires_grad_(True)
+RANKER_WEIGHTS = tuple(i / 20 for i in range(41))  # 0, 0.05, ..., 2
 
 
-def _append_targets(chunk: EvalBatch) -> SequenceBatch:
-    """History (B, T) + each user's held-out next event -> (B, T+1) sequences ending with the target."""
-    history = chunk.history
-    rows = torch.arange(history.batch_size)
-    out = []
-    for values, target in ((history.items, chunk.target_items), (history.timestamps, chunk.target_timestamps),
-                           (history.actions, chunk.target_actions)):
-        grown = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)
-        grown[rows, history.lengths] = target
-        out.append(grown)
-    return SequenceBatch(out[0], out[1], out[2], history.lengths + 1)
+def calibrate_ranker(model: HSTU, held_out: Split, config: TrainConfig) -> float:
+    """Scale the ranking head's correction by the weight that gives the served pipeline (history excluded)
+    its best NDCG@10 on held-out events; ties go to the smaller weight (0 = retrieval's order). Returns it."""
+    served = dataclasses.replace(config.eval, exclude_history=True)
+    parts = rerank(model, held_out, served, config.retrieve_k)
+
+    def ndcg(weight: float) -> float:
+        return metrics_from_ranks(torch.cat([p.ranks(weight) for p in parts]).cpu())["NDCG@10"]
+
+    best = max(RANKER_WEIGHTS, key=lambda w: (ndcg(w), -w))
+    correction = model.rank_head[-1]
+    assert isinstance(correction, nn.Linear)
+    with torch.no_grad():  # task 0 is the served score's correction; the rating task keeps its scale
+        correction.weight[0] *= best
+        correction.bias[0] *= best
+    return best
 
 
 def test_metrics(model: nn.Module, test: Split, config: TrainConfig) -> dict[str, Any]:
@@ -311,6 +294,11 @@ def test_metrics(model: nn.Module, test: Split, config: TrainConfig) -> dict[str
     if isinstance(model, HSTU):
         two_stage = evaluate_two_stage(model, test, full, retrieve_k=config.retrieve_k)
         metrics["two_stage"] = {"retrieve_k": config.retrieve_k, **two_stage}
+        # what `recommend` serves: the user's history is never recommended back
+        served = dataclasses.replace(full, exclude_history=True)
+        metrics["protocol"]["served"] = served.describe()
+        metrics["served_retrieval"] = evaluate(model, test, served)
+        metrics["served_two_stage"] = evaluate_two_stage(model, test, served, retrieve_k=config.retrieve_k)
     return metrics
 
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.datasets import SyntheticConfig
+from genrec.training.evaluate import rerank
 from genrec.training.hstu import HSTU
-from genrec.training.prepare import DataConfig, evaluate_checkpoint, run_training
-from genrec.training.trainer import TrainConfig
+from genrec.training.metrics import EvalConfig, metrics_from_ranks
+from genrec.training.prepare import DataConfig, evaluate_checkpoint, prepare, run_training
+from genrec.training.trainer import RANKER_WEIGHTS, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,3 +92,29 @@ def test_resume_continues_where_it_stopped(runs: dict[str, Any]) -> None:
 def test_resume_past_the_last_epoch_trains_no_more(runs: dict[str, Any]) -> None:
     again = run_training(DATA, config(runs["out"], epochs=4, resume=True))
     assert again["epochs_run"] == 4 and again["full"] == runs["second"]["full"]
+
+
+def test_the_ranker_weight_is_the_best_on_validation_and_is_baked_into_the_served_score(runs: dict[str, Any]) -> None:
+    """calibrate_ranker picked the grid's best weight for the served pipeline on the validation events, and
+    scaled the head so that the checkpoint serves retrieval + that weight x the trained correction."""
+    metrics = runs["second"]  # the run whose checkpoint is in runs["out"]
+    weight = metrics["ranker_weight"]
+    assert weight in RANKER_WEIGHTS
+    model, _ = load_checkpoint(runs["out"] / "checkpoint")
+    assert isinstance(model, HSTU)
+    _, split, _ = prepare(DATA)
+    served = EvalConfig(exclude_history=True)
+    parts = rerank(model, split.valid, served)
+
+    def ndcg(scale: float) -> float:
+        return metrics_from_ranks(torch.cat([p.ranks(scale) for p in parts]))["NDCG@10"]
+
+    # the saved head already holds the weight: relative to it, 1 is the choice and every other weight w
+    # on the grid is w / weight
+    if weight > 0:
+        chosen = ndcg(1.0)
+        assert all(ndcg(w / weight) <= chosen + 1e-12 for w in RANKER_WEIGHTS)
+    else:  # weight 0: the served order is retrieval's, the correction is gone
+        assert all(float(p.correction.abs().max()) < 1e-4 for p in parts)
+    served_metrics = metrics["served_two_stage"]
+    assert served_metrics["HR@10"] >= 5 * CHANCE_HR10, served_metrics
