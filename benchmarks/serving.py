@@ -594,6 +594,7 @@ class LocustResult:
     p99_ms: float
     max_ms: float
     command: str
+    killed: bool = False  # locust hung past its run and was killed; its statistics are as last written
 
 
 def locust_args(url: str, users: int, seconds: int, csv_prefix: Path) -> list[str]:
@@ -614,33 +615,49 @@ def locust_args(url: str, users: int, seconds: int, csv_prefix: Path) -> list[st
         "--only-summary",
         "--reset-stats",
         "--stop-timeout",
-        "30",
+        "15",
     ]
 
 
+LOCUST_REQUEST_TIMEOUT_S = 10  # per recommend call; a slower one counts as a failure
+LOCUST_GRACE_S = 90  # past the run's duration, before locust is killed as hung
+
+
 def run_locust(url: str, histories_json: Path, users: int, seconds: int, raw_dir: Path) -> LocustResult:
-    """Headless locust against the server; its statistics of the ``recommend`` requests."""
+    """Headless locust against the server; its statistics of the ``recommend`` requests.
+
+    Bounded: every call has a deadline, and a locust that has not exited ``LOCUST_GRACE_S`` after its run
+    ended is killed; whatever statistics it wrote are still read (the report says it was killed).
+    """
     prefix = raw_dir / "locust"
     args = locust_args(url, users, seconds, prefix)
-    env = {**os.environ, "GENREC_HISTORIES": str(histories_json)}
-    done = subprocess.run(
+    env = {**os.environ, "GENREC_HISTORIES": str(histories_json), "GENREC_TIMEOUT_S": str(LOCUST_REQUEST_TIMEOUT_S)}
+    process = subprocess.Popen(
         [sys.executable, "-m", "locust", *args],
         cwd=REPO_ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=seconds + 300,
+        start_new_session=True,
     )
-    (raw_dir / "locust.log").write_text(done.stdout + done.stderr)
+    killed = False
+    try:
+        output, _ = process.communicate(timeout=seconds + LOCUST_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        output, _ = process.communicate()
+        killed = True
+    (raw_dir / "locust.log").write_text(output)
     stats = Path(f"{prefix}_stats.csv")
     if not stats.exists():
         raise RuntimeError(
-            f"locust wrote no statistics (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}"
+            f"locust wrote no statistics (exit {process.returncode}{', killed' if killed else ''}):\n{output[-3000:]}"
         )
     with stats.open() as f:
         rows = [r for r in csv.DictReader(f) if r["Name"] == "recommend"]
     if not rows:
-        raise RuntimeError(f"locust recorded no 'recommend' requests:\n{(done.stdout + done.stderr)[-3000:]}")
+        raise RuntimeError(f"locust recorded no 'recommend' requests:\n{output[-3000:]}")
     row = rows[0]
     return LocustResult(
         users=users,
@@ -652,8 +669,9 @@ def run_locust(url: str, histories_json: Path, users: int, seconds: int, raw_dir
         p95_ms=float(row["95%"]),
         p99_ms=float(row["99%"]),
         max_ms=float(row["Max Response Time"]),
-        command=f"GENREC_HISTORIES={shown(histories_json)} locust "
+        command=f"GENREC_HISTORIES={shown(histories_json)} GENREC_TIMEOUT_S={LOCUST_REQUEST_TIMEOUT_S} locust "
         + " ".join(locust_args("127.0.0.1:PORT", users, seconds, shown(prefix))),
+        killed=killed,
     )
 
 
@@ -1098,7 +1116,9 @@ def report(
                 ]
             ],
             f"`{locust.command}` (closed loop, no think time; statistics reset once all users are running). "
-            "locust runs on the same 2 cores as the server.",
+            "locust runs on the same 2 cores as the server."
+            + (f" Locust did not exit {LOCUST_GRACE_S} s after its run and was killed: these are the statistics "
+               "it last wrote." if locust.killed else ""),
         )
     add(
         "Cost of serving: Triton vs in-process (concurrency 1)",
