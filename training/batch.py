@@ -43,6 +43,26 @@ class SequenceBatch:
             self.lengths.to(device),
         )
 
+    def select(self, rows: Tensor) -> SequenceBatch:
+        """Rows (N,) of the batch, padded only to their own longest."""
+        width = int(self.lengths[rows].max())
+        return SequenceBatch(
+            self.items[rows, :width], self.timestamps[rows, :width], self.actions[rows, :width], self.lengths[rows]
+        )
+
+    def length_groups(self, max_pairs: int = 1 << 22) -> list[Tensor]:
+        """Row indices in groups of similar length: sorted by length, a group closes before its rows x
+        longest^2 (the attention's score count) would pass ``max_pairs``, so no short history pays for a long
+        one's padding and the attention's memory stays bounded."""
+        order = self.lengths.argsort(stable=True)
+        longest = self.lengths[order].tolist()
+        groups, start = [], 0
+        for i in range(1, len(longest) + 1):
+            if i == len(longest) or (i + 1 - start) * longest[i] ** 2 > max_pairs:
+                groups.append(order[start:i])
+                start = i
+        return groups
+
     def last_timestamps(self) -> Tensor:
         """(B,) the timestamp of each history's last event."""
         return self.timestamps.gather(1, (self.lengths - 1).clamp(min=0)[:, None]).squeeze(1)

@@ -22,7 +22,10 @@ def evaluate(model: nn.Module, data: Split, config: EvalConfig, batch_size: int 
     ranks = []
     for chunk in data.to_batches(batch_size, model.config.max_len):  # type: ignore[union-attr]
         batch, targets = chunk.history.to(device), chunk.target_items.to(device)
-        scores = model.user_embedding(batch) @ table.T  # type: ignore[operator]
+        user = torch.empty(batch.batch_size, table.shape[1], device=device)
+        for rows in batch.length_groups():  # exact either way; bounds the padding and the attention's memory
+            user[rows] = model.user_embedding(batch.select(rows))  # type: ignore[operator]
+        scores = user @ table.T
         ranks.append(target_ranks(mask_scores(scores, batch.items, targets, config, generator), targets))
     return metrics_from_ranks(torch.cat(ranks).cpu())
 
@@ -57,13 +60,15 @@ def rerank(model: HSTU, data: Split, config: EvalConfig, retrieve_k: int = 100, 
     generator = torch.Generator().manual_seed(config.seed)
     out = []
     for chunk in data.to_batches(batch_size, model.config.max_len):
-        batch, targets = chunk.history.to(device), chunk.target_items.to(device)
-        cache, user = model.prefill(batch)
-        scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
-        candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)
-        served = model.score_candidates(cache, user, candidates)[..., 0]
-        retrieval = torch.einsum("bd,bcd->bc", user, table[candidates]) / model.config.temperature
-        out.append(Reranked(candidates, retrieval, served - retrieval, targets))
+        whole = chunk.history.to(device)
+        for rows in whole.length_groups():
+            batch, targets = whole.select(rows), chunk.target_items.to(device)[rows]
+            cache, user = model.prefill(batch)
+            scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
+            candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)
+            served = model.score_candidates(cache, user, candidates)[..., 0]
+            retrieval = torch.einsum("bd,bcd->bc", user, table[candidates]) / model.config.temperature
+            out.append(Reranked(candidates, retrieval, served - retrieval, targets))
     return out
 
 

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from genrec.training.batch import SequenceBatch
 from genrec.training.datasets import Interactions, load_ml100k
 from genrec.training.sequences import (
     PreprocessConfig,
@@ -211,3 +213,20 @@ def test_to_batches_cover_every_user_once() -> None:
     assert [e.rows.tolist() for e in evals] == [[0, 1], [2]]
     assert evals[1].target_items.tolist() == split.test.target_items[2:].tolist()
     assert evals[0].history.lengths.tolist() == [2, 6]
+
+
+def test_length_groups_partition_the_batch_and_bound_the_attention() -> None:
+    lengths = [3, 200, 7, 50, 199, 1, 120, 8]
+    batch = SequenceBatch.from_lists([list(range(1, n + 1)) for n in lengths], [list(range(n)) for n in lengths])
+    max_pairs = 2 * 200**2
+    groups = batch.length_groups(max_pairs=max_pairs)
+    rows = torch.cat(groups)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))  # every row once
+    assert [lengths[i] for i in rows.tolist()] == sorted(lengths)  # shortest first
+    for group in groups:
+        part = batch.select(group)
+        assert part.max_len == max(lengths[i] for i in group.tolist())  # padded to its own longest only
+        assert len(group) == 1 or len(group) * part.max_len**2 <= max_pairs
+        for j, i in enumerate(group.tolist()):
+            assert torch.equal(part.items[j, : lengths[i]], batch.items[i, : lengths[i]])
+    assert len(batch.length_groups(max_pairs=1)) == len(lengths)  # one row each, never an empty group
