@@ -24,6 +24,8 @@ the model's max_len), k=10, exclude_seen=true, one user per request, written as 
   * locust, headless, ``benchmarks/locustfile.py`` (RecommendClient), against the batching-on server.
   * Triton vs in-process: ``RecommendClient.recommend`` at concurrency 1 vs ``training.pipeline.recommend``
     on the same checkpoint and histories (batch 1, same torch thread count), timed alternately.
+  * the batching ceiling (``genrec.benchmarks.batching``): each served model's per-request cost in process
+    at batch 1..64, what dynamic batching could at best save on this machine.
 
 Every server is warmed up first (the first calls are never timed). Results: ``benchmarks/results/serving.md``
 and ``serving_latency_throughput.png``; raw CSVs, perf_analyzer output and inputs under ``results/raw/``.
@@ -50,6 +52,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from genrec.benchmarks.batching import HEADERS as BATCHING_HEADERS
+from genrec.benchmarks.batching import batching_ceiling
 from genrec.benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -993,6 +997,10 @@ def run(cfg: ServingBenchConfig, command: str) -> int:
                     flush=True,
                 )
 
+    ceiling: list[list[object]] = []
+    if "reference" in models:  # after the servers are gone, so it has the cores to itself
+        print("batching ceiling: each model's per-request cost by batch size, in process ...", flush=True)
+        ceiling = batching_ceiling(models["reference"].path, histories["reference"])
     elapsed = time.monotonic() - started
     report(
         cfg,
@@ -1003,6 +1011,7 @@ def run(cfg: ServingBenchConfig, command: str) -> int:
         composing_model_of,
         locust,
         overheads,
+        ceiling,
         length_summary(pool),
         server_seconds,
         load_start,
@@ -1020,6 +1029,7 @@ def report(
     composing_of: str,
     locust: LocustResult | None,
     overheads: Sequence[Overhead],
+    ceiling: Sequence[Sequence[object]],
     data_summary: str,
     server_seconds: dict[str, float],
     load_start: str,
@@ -1056,10 +1066,21 @@ def report(
             comparison_rows(on, off),
             f"Throughput with dynamic batching (max_queue_delay {cfg.max_queue_delay_us} us, max_batch_size "
             f"{cfg.max_batch_size}) over without, at concurrency {top}: **x{ratio:.2f}**. "
-            "Two servers of the same checkpoint, measured alternately level by level. A dynamic batch of "
-            "histories is padded to its longest history (attention is quadratic in it), so with ML-100K's "
-            "heavy-tailed lengths one long history can make the whole batch cost more than its requests "
-            "would one by one; see the avg batch and compute columns below.",
+            "Two servers of the same checkpoint, measured alternately level by level. The served models split "
+            "a dynamic batch into groups of similar history length (attention is quadratic in the padded "
+            "length), so a batch costs about what its requests cost one by one: on this CPU the work per "
+            "request is compute, not overhead, and batching can only share the little that is overhead. The "
+            "next table measures that ceiling.",
+        )
+    if ceiling:
+        add(
+            "Batching ceiling: per-request cost by batch size, in process (reference size)",
+            BATCHING_HEADERS,
+            ceiling,
+            "`python -m genrec.benchmarks.batching`: the served handlers (validation, id mapping, length "
+            "grouping, torch) called directly on the same histories, 1 thread as in each model instance, "
+            "100 candidates per request. 'batch 1 / batch' bounds what dynamic batching can add to throughput "
+            "on this machine before Triton's own costs.",
         )
     if SMALL_TORCH.label in recommend and SMALL_ONNX.label in recommend:
         add(
