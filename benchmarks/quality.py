@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- revision: {git_revision()}; wall time: {wall / 60:.1f} min; machine: {machine_description()}",
         f"- split: leave-one-out (last event = test, second-to-last = validation), {len(args.seeds)} seeds "
         f"{args.seeds}; mean ± sample std over seeds",
-        f"- budget per model and seed: at most {args.epochs} epochs of batch {args.batch_size} and "
-        f"{args.max_minutes} min, early stopping on validation NDCG@10 (patience {args.patience}); epochs run: "
+        f"- budget per model and seed: at most {args.epochs} epochs of batch {args.batch_size}"
+        + (f" and {args.max_minutes} min" if args.max_minutes is not None else "")
+        + f", early stopping on validation NDCG@10 (patience {args.patience}); epochs run: "
         f"{epochs}; {args.jobs} runs at a time",
         "- sizes: the HSTU paper's MovieLens setting for both (d=50, 2 layers, 1 head, length 200, dropout 0.2)",
         "",

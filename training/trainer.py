@@ -186,6 +186,8 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         console.print(f"[bold]training {config.model}[/] on {device} x{world}: {asdict(config)}")
     use_amp = device.type == "cuda"
     log_path = out / "metrics.csv"
+    if is_main and start_epoch == 0:  # a fresh run does not append to an earlier run's log
+        log_path.unlink(missing_ok=True)
     started = time.monotonic()
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs):

@@ -118,3 +118,10 @@ def test_the_ranker_weight_is_the_best_on_validation_and_is_baked_into_the_serve
         assert all(float(p.correction.abs().max()) < 1e-4 for p in parts)
     served_metrics = metrics["served_two_stage"]
     assert served_metrics["HR@10"] >= 5 * CHANCE_HR10, served_metrics
+
+
+def test_a_fresh_run_in_a_used_folder_starts_a_new_log(tmp_path: Path) -> None:
+    run_training(DATA, config(tmp_path, epochs=2))
+    run_training(DATA, config(tmp_path, epochs=1))  # not resumed: trains from scratch
+    with (tmp_path / "metrics.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]
