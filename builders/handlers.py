@@ -22,6 +22,7 @@ import torch
 
 from genrec.builders.runtimes import Runtime, TorchRuntime
 from genrec.client import protocol
+from genrec.training.batch import length_groups
 from genrec.training.checkpoint import CheckpointMeta, load_meta
 from genrec.training.retrieval import faiss_top_k, load_index, top_k
 from genrec.training.sequences import Vocabulary, action_ids
@@ -144,19 +145,6 @@ def _pad(rows: list[np.ndarray], fill: int | float = 0) -> tuple[np.ndarray, np.
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out, lengths
-
-
-def length_groups(lengths: np.ndarray, max_ratio: float = 1.5, floor: int = 32) -> list[np.ndarray]:
-    """Indices grouped by similar length, so no group pads a short history to a long one's length (the cost of
-    attention grows with the padded length): within a group the longest is at most max_ratio x the shortest,
-    or at most `floor` events."""
-    order = np.argsort(lengths, kind="stable")
-    groups, start = [], 0
-    for i in range(1, len(order) + 1):
-        if i == len(order) or lengths[order[i]] > max(floor, max_ratio * lengths[order[start]]):
-            groups.append(order[start:i])
-            start = i
-    return groups
 
 
 def _in_length_groups(rows: list, lengths: np.ndarray, compute) -> list:  # type: ignore[no-untyped-def]

@@ -51,17 +51,9 @@ class SequenceBatch:
         )
 
     def length_groups(self, max_pairs: int = 1 << 22) -> list[Tensor]:
-        """Row indices in groups of similar length: sorted by length, a group closes before its rows x
-        longest^2 (the attention's score count) would pass ``max_pairs``, so no short history pays for a long
-        one's padding and the attention's memory stays bounded."""
-        order = self.lengths.argsort(stable=True)
-        longest = self.lengths[order].tolist()
-        groups, start = [], 0
-        for i in range(1, len(longest) + 1):
-            if i == len(longest) or (i + 1 - start) * longest[i] ** 2 > max_pairs:
-                groups.append(order[start:i])
-                start = i
-        return groups
+        """Row indices in groups of similar length (see ``length_groups``), each group's attention bounded."""
+        groups = length_groups(self.lengths.cpu().numpy(), max_pairs=max_pairs)
+        return [torch.from_numpy(g).to(self.lengths.device) for g in groups]
 
     def last_timestamps(self) -> Tensor:
         """(B,) the timestamp of each history's last event."""
@@ -100,3 +92,23 @@ class SequenceBatch:
             return np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0)
 
         return SequenceBatch.from_jagged(flat(items), flat(timestamps), flat(actions), offsets)
+
+
+def length_groups(
+    lengths: np.ndarray, max_ratio: float = 1.5, floor: int = 32, max_pairs: int | None = None
+) -> list[np.ndarray]:
+    """Indices grouped by similar length, shortest first, so no group pads a short history to a long one's
+    length (the cost of attention grows with the padded length): within a group the longest is at most
+    max_ratio x the shortest, or at most `floor` events, and, given `max_pairs`, rows x longest^2 (the
+    attention's score count) stays under it unless the group is a single row."""
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if (
+            i == len(order)
+            or lengths[order[i]] > max(floor, max_ratio * lengths[order[start]])
+            or (max_pairs is not None and (i + 1 - start) * int(lengths[order[i]]) ** 2 > max_pairs)
+        ):
+            groups.append(order[start:i])
+            start = i
+    return groups

@@ -60,9 +60,9 @@ def rerank(model: HSTU, data: Split, config: EvalConfig, retrieve_k: int = 100, 
     generator = torch.Generator().manual_seed(config.seed)
     out = []
     for chunk in data.to_batches(batch_size, model.config.max_len):
-        whole = chunk.history.to(device)
+        whole, all_targets = chunk.history.to(device), chunk.target_items.to(device)
         for rows in whole.length_groups():
-            batch, targets = whole.select(rows), chunk.target_items.to(device)[rows]
+            batch, targets = whole.select(rows), all_targets[rows]
             cache, user = model.prefill(batch)
             scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
             candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)

@@ -65,8 +65,9 @@ def ranking_loss(
 
     For random cut points c of each sequence, the history is events [0, c) (read from the full forward's
     cache, exact because layers are causal), the true event c is the positive candidate, and negatives are
-    the current retrieval's hard negatives (never the user's own items) plus uniform items. Loss = listwise softmax over the candidates
-    (task 0) + BCE of "rated highly" on the positive (task 1, only where the action is known).
+    the current retrieval's hard negatives (never the user's own items) plus uniform items. Loss = listwise
+    softmax over the candidates (task 0) + BCE of "rated highly" on the positive (task 1, only where the
+    action is known).
     user (B, T, D) per-prefix user embeddings; high_rating (num_actions,) bool per action id.
     """
     device = batch.items.device

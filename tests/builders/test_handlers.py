@@ -12,6 +12,7 @@ from genrec.builders.build import BuildConfig, build_repository, model_specs, ne
 from genrec.builders.model_config import read_config, to_model_config
 from genrec.builders.runtimes import TorchRuntime
 from genrec.client import protocol
+from genrec.training.batch import length_groups
 from genrec.training.checkpoint import load_checkpoint, load_meta
 from genrec.training.hstu import HSTU
 
@@ -134,7 +135,7 @@ def test_faiss_retrieval_matches_brute_force_on_a_small_catalogue(tiny_checkpoin
 
 def test_length_groups_keep_padding_small() -> None:
     lengths = np.array([500, 3, 40, 20, 510, 35, 300])
-    groups = h.length_groups(lengths)
+    groups = length_groups(lengths)
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
     for group in groups:
         assert lengths[group].max() <= max(32, 1.5 * lengths[group].min())
