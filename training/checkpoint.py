@@ -21,7 +21,7 @@ from torch import nn
 from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.sasrec import SASRec, SASRecConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ranking head is a RankHead with popularity features
 MODEL_TYPES: dict[str, tuple[type[nn.Module], type]] = {"hstu": (HSTU, HSTUConfig), "sasrec": (SASRec, SASRecConfig)}
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from genrec.training.batch import SequenceBatch
 from genrec.training.embeddings import ItemEncoder
+from genrec.training.popularity import RecentPopularity
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class HSTUConfig:
     temperature: float = 0.05  # of the sampled softmax; the scorer starts from the retrieval logit / temperature
     num_tasks: int = 2  # ranking heads: 0 = engagement (the served score), 1 = high rating
     score_chunk: int = 512  # candidates scored per chunk, bounds memory for thousands of candidates
+    # the scorer's recent-popularity features (see popularity.py): windows in seconds, and the table's time
+    # buckets (0 = no popularity features); the table itself is fitted to the training log
+    popularity_windows: tuple[int, ...] = ()
+    popularity_buckets: int = 0
+
+    def __post_init__(self) -> None:  # a JSON round trip gives a list
+        object.__setattr__(self, "popularity_windows", tuple(self.popularity_windows))
 
 
 def paper_ml_preset(num_items: int, **overrides: int) -> HSTUConfig:
@@ -181,6 +189,29 @@ class HSTULayer(nn.Module):
         return torch.einsum("bhqk,bkhd->bqhd", weights, v)  # no attention dropout, as in the paper's code
 
 
+class RankHead(nn.Module):
+    """The ranking head: a correction to the retrieval logit per task, from the candidate token's final state
+    and the candidate's recent popularity features (when the model has them)."""
+
+    def __init__(self, d_model: int, num_features: int, num_tasks: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.hidden = nn.Linear(d_model, d_model)
+        self.features = nn.Linear(num_features, d_model, bias=False) if num_features else None
+        if self.features is not None:  # features are log counts, up to ~10: start them small
+            nn.init.normal_(self.features.weight, std=0.02)
+        self.correction = nn.Linear(d_model, num_tasks)
+        # The served score starts as exactly the retrieval logit; the head learns only a correction to it.
+        nn.init.zeros_(self.correction.weight)
+        nn.init.zeros_(self.correction.bias)
+
+    def forward(self, x: Tensor, features: Tensor | None) -> Tensor:
+        hidden = self.hidden(self.norm(x))
+        if self.features is not None and features is not None:
+            hidden = hidden + self.features(features)
+        return self.correction(F.silu(hidden))
+
+
 class HSTU(nn.Module):
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
@@ -190,13 +221,12 @@ class HSTU(nn.Module):
         nn.init.normal_(self.actions.weight, std=0.1 * config.d_model**-0.5)
         self.input_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_layers))
-        correction = nn.Linear(config.d_model, config.num_tasks)
-        # The served score starts as exactly the retrieval logit; the head learns only a correction to it.
-        nn.init.zeros_(correction.weight)
-        nn.init.zeros_(correction.bias)
-        self.rank_head = nn.Sequential(
-            nn.LayerNorm(config.d_model), nn.Linear(config.d_model, config.d_model), nn.SiLU(), correction
+        self.popularity = (
+            RecentPopularity(config.popularity_buckets, config.num_items, config.popularity_windows)
+            if config.popularity_buckets else None
         )
+        features = self.popularity.num_features if self.popularity is not None else 0
+        self.rank_head = RankHead(config.d_model, features, config.num_tasks)
 
     @property
     def blocks(self) -> list[HSTULayer]:
@@ -325,11 +355,12 @@ class HSTU(nn.Module):
             attended = torch.einsum("bchl,blhd->bchd", hist * scale, cache.values[i])
             attended = attended + (own * scale)[..., None] * v
             x = layer.finish(x, attended, u)
-        return self._head(x, user, candidates)
+        return self._head(x, user, candidates, request_time)
 
-    def _head(self, x: Tensor, user: Tensor, candidates: Tensor) -> Tensor:
+    def _head(self, x: Tensor, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
         retrieval = torch.einsum("bd,bcd->bc", user, F.normalize(self.items(candidates), dim=-1))
-        logits = self.rank_head(x)
+        features = self.popularity(candidates, request_time) if self.popularity is not None else None
+        logits = self.rank_head(x, features)
         engagement = logits[..., :1] + retrieval[..., None] / self.config.temperature
         return torch.cat([engagement, logits[..., 1:]], dim=-1)
 
@@ -361,4 +392,4 @@ class HSTU(nn.Module):
             u, v, q, k = layer.project(x)
             x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask.float()), u)
         outputs = F.normalize(x[torch.arange(b, device=device), batch.lengths - 1], dim=-1)
-        return self._head(x[:, n:], outputs, candidates)
+        return self._head(x[:, n:], outputs, candidates, request_time)

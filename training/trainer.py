@@ -31,6 +31,7 @@ from genrec.training.evaluate import evaluate, evaluate_two_stage, rerank
 from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.losses import LossConfig, next_item_targets, ranking_loss, sampled_softmax_loss
 from genrec.training.metrics import EvalConfig, metrics_from_ranks
+from genrec.training.popularity import PopularityConfig, popularity_table
 from genrec.training.sasrec import SASRec, SASRecConfig
 from genrec.training.sequences import Histories, SequenceData, Split
 
@@ -62,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     action_dropout: float = 0.1  # hide an event's action so the model also serves callers that send none
     loss: LossConfig = field(default_factory=LossConfig)
+    popularity: PopularityConfig = field(default_factory=PopularityConfig)  # the HSTU scorer's features
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieve_k: int = 100  # the two-stage pipeline's retrieval depth
     # Once trained, weigh the ranking head's correction against the retrieval logit on the validation events
@@ -88,7 +90,14 @@ def make_model(config: TrainConfig, data: SequenceData) -> HSTU | SASRec:
     if config.model == "hstu":
         d = preset["d_model"]
         heads = preset.pop("num_heads")
-        model = HSTU(HSTUConfig(**common, **preset, num_heads=heads, d_qk=d // heads, d_v=d // heads))
+        table = popularity_table(data.timestamps, data.items, len(data.item_vocab), config.popularity)
+        popularity = (
+            dict(popularity_windows=config.popularity.windows, popularity_buckets=table.num_buckets)
+            if config.popularity.enabled else {}
+        )
+        model = HSTU(HSTUConfig(**common, **preset, num_heads=heads, d_qk=d // heads, d_v=d // heads, **popularity))
+        if model.popularity is not None:
+            model.popularity.set_table(table)
     elif config.model == "sasrec":
         model = SASRec(SASRecConfig(**common, **preset))
     else:
@@ -276,8 +285,7 @@ def calibrate_ranker(model: HSTU, held_out: Split, config: TrainConfig) -> float
         return metrics_from_ranks(torch.cat([p.ranks(weight) for p in parts]).cpu())["NDCG@10"]
 
     best = max(RANKER_WEIGHTS, key=lambda w: (ndcg(w), -w))
-    correction = model.rank_head[-1]
-    assert isinstance(correction, nn.Linear)
+    correction = model.rank_head.correction
     with torch.no_grad():  # task 0 is the served score's correction; the rating task keeps its scale
         correction.weight[0] *= best
         correction.bias[0] *= best

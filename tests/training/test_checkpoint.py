@@ -15,6 +15,7 @@ from genrec.training.batch import SequenceBatch
 from genrec.training.checkpoint import CheckpointMeta, load_checkpoint, load_meta, save_checkpoint
 from genrec.training.embeddings import ItemFeatures
 from genrec.training.hstu import HSTU, HSTUConfig
+from genrec.training.popularity import PopularityConfig, popularity_table
 from genrec.training.sasrec import SASRec, SASRecConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +40,13 @@ def make(model_type: str) -> HSTU | SASRec:
     common = dict(num_items=NUM_ITEMS, num_actions=3, num_genres=3, num_years=2, d_model=8, num_layers=2,
                   num_heads=2, max_len=10)
     if model_type == "hstu":
-        return randomised(HSTU(HSTUConfig(**common, d_qk=4, d_v=3, score_chunk=5)))
+        times = 1_700_000_000 + np.arange(200) * 5_000
+        table = popularity_table(times, np.arange(200) % NUM_ITEMS + 1, NUM_ITEMS, PopularityConfig())
+        hstu = HSTU(HSTUConfig(**common, d_qk=4, d_v=3, score_chunk=5, popularity_windows=(86_400,),
+                               popularity_buckets=table.num_buckets))
+        assert hstu.popularity is not None
+        hstu.popularity.set_table(table)
+        return randomised(hstu)
     return randomised(SASRec(SASRecConfig(**common)))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from torch import Tensor
 from genrec.training.batch import SequenceBatch
 from genrec.training.embeddings import ItemFeatures
 from genrec.training.hstu import HSTU, HSTUConfig, KVCache
+from genrec.training.popularity import PopularityConfig, popularity_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +40,7 @@ class Case:
     d_qk: int
     d_v: int
     lengths: tuple[int, ...]  # history length per user, mixed within the batch
-    features: bool = False  # item side features (genres, years) on
+    features: bool = False  # item side features (genres, years) and the scorer's popularity features on
 
 
 CASES = [
@@ -52,13 +54,20 @@ IDS = [f"seed{c.seed}-L{c.num_layers}-H{c.num_heads}-qk{c.d_qk}-v{c.d_v}" for c 
 def make_model(case: Case, score_chunk: int = 7) -> HSTU:
     """An eval-mode HSTU (max_len 30) with every parameter re-drawn ~ N(0, WEIGHT_STD)."""
     torch.manual_seed(case.seed)
+    rng = np.random.default_rng(case.seed)
+    log_times = 1_600_000_000 + rng.integers(0, 3 * 10**7, 2_000)  # spans the histories' times
+    table = popularity_table(log_times, rng.integers(1, NUM_ITEMS + 1, 2_000), NUM_ITEMS, PopularityConfig())
     config = HSTUConfig(
         num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, num_genres=3 if case.features else 0,
         num_years=4 if case.features else 0, d_model=case.d_model, num_layers=case.num_layers,
         num_heads=case.num_heads, d_qk=case.d_qk, d_v=case.d_v, max_len=30, dropout=0.2,
         num_time_buckets=16, score_chunk=score_chunk,
+        popularity_windows=PopularityConfig().windows if case.features else (),
+        popularity_buckets=table.num_buckets if case.features else 0,
     )
     model = HSTU(config)
+    if model.popularity is not None:
+        model.popularity.set_table(table)
     if case.features:
         genres = (torch.rand(NUM_ITEMS + 1, 3) < 0.4).float().numpy()
         genres[0] = 0
