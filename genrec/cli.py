@@ -65,12 +65,15 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--exclude-history", action="store_true",
                    help="drop history items from the ranking (default: the HSTU paper's protocol keeps them)")
+    g.add_argument("--no-popularity", action="store_true",
+                   help="HSTU's ranking head without the candidates' recent-popularity features")
     g.add_argument("--out", type=Path, default=Path("runs/hstu"))
     g.add_argument("--resume", action="store_true", help="continue from <out>/trainer_state.pt")
     g.add_argument("--no-progress", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
         from genrec.training.metrics import EvalConfig
+        from genrec.training.popularity import PopularityConfig
         from genrec.training.prepare import run_training
         from genrec.training.trainer import TrainConfig
 
@@ -79,6 +82,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
             batch_size=args.batch_size, lr=args.lr, patience=args.patience, max_minutes=args.max_minutes,
             seed=args.seed, device=args.device, out=args.out, resume=args.resume, progress=not args.no_progress,
             eval=EvalConfig(exclude_history=args.exclude_history),
+            popularity=PopularityConfig(enabled=not args.no_popularity),
         )
         metrics = run_training(_data_config(args), config)
         from genrec.training.report import print_metrics

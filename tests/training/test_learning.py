@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +23,9 @@ from genrec.training.datasets import SyntheticConfig
 from genrec.training.evaluate import rerank
 from genrec.training.hstu import HSTU
 from genrec.training.metrics import EvalConfig, metrics_from_ranks
+from genrec.training.popularity import PopularityConfig, popularity_table
 from genrec.training.prepare import DataConfig, evaluate_checkpoint, prepare, run_training
-from genrec.training.trainer import RANKER_WEIGHTS, TrainConfig
+from genrec.training.trainer import RANKER_WEIGHTS, TrainConfig, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,3 +128,14 @@ def test_a_fresh_run_in_a_used_folder_starts_a_new_log(tmp_path: Path) -> None:
     run_training(DATA, config(tmp_path, epochs=1))  # not resumed: trains from scratch
     with (tmp_path / "metrics.csv").open() as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]
+
+
+def test_the_checkpoint_carries_the_popularity_of_its_whole_log(runs: dict[str, Any], tmp_path: Path) -> None:
+    model, _ = load_checkpoint(runs["out"] / "checkpoint")
+    data, _, _ = prepare(DATA)
+    table = popularity_table(data.timestamps, data.items, len(data.item_vocab), PopularityConfig())
+    assert isinstance(model, HSTU) and model.popularity is not None
+    np.testing.assert_array_equal(model.popularity.cumulative.numpy(), table.cumulative)
+    assert int(model.popularity.cumulative[-1].sum()) == len(data.items)  # every event, held-out ones too
+    without = make_model(replace(config(tmp_path, epochs=1), popularity=PopularityConfig(enabled=False)), data)
+    assert isinstance(without, HSTU) and without.popularity is None and without.rank_head.features is None
