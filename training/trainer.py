@@ -90,13 +90,10 @@ def make_model(config: TrainConfig, data: SequenceData) -> HSTU | SASRec:
     if config.model == "hstu":
         d = preset["d_model"]
         heads = preset.pop("num_heads")
-        table = (
-            popularity_table(data.timestamps, data.items, len(data.item_vocab), config.popularity)
-            if config.popularity.enabled else None
-        )
-        popularity = (
-            dict(popularity_windows=config.popularity.windows, popularity_buckets=table.num_buckets) if table else {}
-        )
+        table, popularity = None, {}
+        if config.popularity.enabled:
+            table = popularity_table(data.timestamps, data.items, len(data.item_vocab), config.popularity)
+            popularity = dict(popularity_windows=config.popularity.windows, popularity_buckets=table.num_buckets)
         model = HSTU(HSTUConfig(**common, **preset, num_heads=heads, d_qk=d // heads, d_v=d // heads, **popularity))
         if model.popularity is not None and table is not None:
             model.popularity.set_table(table)
