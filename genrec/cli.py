@@ -24,7 +24,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--user-col", default="user_id", help="user column of a generic table")
     group.add_argument("--item-col", default="item_id", help="item column of a generic table")
-    group.add_argument("--time-col", default="timestamp", help="timestamp column (unix seconds or datetimes)")
+    group.add_argument("--time-col", default="timestamp",
+                       help="timestamp column (unix seconds or datetimes); 'none': the log has no time, each "
+                       "user's events are in file order, and HSTU learns no time bias or popularity from it")
     group.add_argument("--rating-col", default=None, help="optional rating/action column")
     group.add_argument("--min-user-interactions", type=int, default=5, help="drop users with fewer events")
 
@@ -36,7 +38,8 @@ def _data_config(args: argparse.Namespace):
 
     return DataConfig(
         source=args.data,
-        columns=ColumnMapping(args.user_col, args.item_col, args.time_col, args.rating_col),
+        columns=ColumnMapping(args.user_col, args.item_col, None if args.time_col == "none" else args.time_col,
+                              args.rating_col),
         preprocess=PreprocessConfig(min_user_interactions=args.min_user_interactions),
     )
 
@@ -56,15 +59,21 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
                    help="sizes: paper = HSTU paper's MovieLens setting (d=50, 2 layers), reference = d=128, "
                    "4 layers, 8 heads, length 512; tiny = seconds on a laptop")
     g.add_argument("--max-len", type=int, default=None, help="override the preset's maximum history length")
-    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--epochs", type=int, default=101, help="at most (Meta's ML-1M recipe: 101)")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--patience", type=int, default=5, help="early stopping on validation NDCG@10")
+    g.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
+                   help="full: softmax over the whole catalogue (SASRec+); sampled: sampled softmax with 128 "
+                   "uniform negatives (the HSTU paper's); auto (default): full up to 100,000 items")
+    g.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs without a better validation NDCG@10 ...")
+    g.add_argument("--min-epochs", type=int, default=10, help="... counted only from this epoch on")
     g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--exclude-history", action="store_true",
-                   help="drop history items from the ranking (default: the HSTU paper's protocol keeps them)")
+    g.add_argument("--keep-history", action="store_true",
+                   help="keep the user's history items in the full ranking (default: excluded, as the HSTU and "
+                   "SASRec papers evaluate)")
     g.add_argument("--no-popularity", action="store_true",
                    help="HSTU's ranking head without the candidates' recent-popularity features")
     g.add_argument("--out", type=Path, default=Path("runs/hstu"))
@@ -72,6 +81,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--no-progress", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
+        from genrec.training.losses import LossConfig
         from genrec.training.metrics import EvalConfig
         from genrec.training.popularity import PopularityConfig
         from genrec.training.prepare import run_training
@@ -79,9 +89,10 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
 
         config = TrainConfig(
             model=args.model, preset=args.preset, max_len=args.max_len, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, patience=args.patience, max_minutes=args.max_minutes,
+            batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
+            max_minutes=args.max_minutes, loss=LossConfig(kind=args.loss),
             seed=args.seed, device=args.device, out=args.out, resume=args.resume, progress=not args.no_progress,
-            eval=EvalConfig(exclude_history=args.exclude_history),
+            eval=EvalConfig(exclude_history=not args.keep_history),
             popularity=PopularityConfig(enabled=not args.no_popularity),
         )
         metrics = run_training(_data_config(args), config)
@@ -100,7 +111,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
                        "for HSTU also the two-stage pipeline (retrieve, then re-rank).")
     p.add_argument("--checkpoint", type=Path, required=True)
     _add_data_arguments(p)
-    p.add_argument("--exclude-history", action="store_true")
+    p.add_argument("--keep-history", action="store_true", help="keep history items in the full ranking")
     p.add_argument("--split", choices=["test", "valid"], default="test")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -108,7 +119,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
         from genrec.training.prepare import evaluate_checkpoint
         from genrec.training.report import print_metrics
 
-        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args), args.split, args.exclude_history)
+        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args), args.split, not args.keep_history)
         print(json.dumps(metrics, indent=2)) if args.json else print_metrics(metrics)
         return 0
 

@@ -15,17 +15,16 @@ NDCG_KS = (10, 200)
 @dataclass(frozen=True)
 class EvalConfig:
     protocol: Literal["full", "sampled"] = "full"
-    # The HSTU paper ranks the target against every item, history included (Meta's generative-recommenders
-    # does not mask seen items); set True to drop the user's history items from the ranking.
-    exclude_history: bool = False
+    # The papers' protocol (Meta's research/data/eval.py, filter_invalid_ids=True; the SASRec papers): the target
+    # is ranked against every item the user has not had. False keeps the history items in the ranking.
+    exclude_history: bool = True
     num_sampled_negatives: int = 100  # the SASRec paper's protocol
     seed: int = 0
 
     def describe(self) -> str:
         if self.protocol == "sampled":
             return f"sampled: target vs {self.num_sampled_negatives} random unseen items"
-        seen = "history items excluded" if self.exclude_history else "history items not excluded"
-        return f"full ranking over all items, {seen}"
+        return "full ranking, history excluded" if self.exclude_history else "full ranking, history kept"
 
 
 def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:

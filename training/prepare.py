@@ -60,7 +60,7 @@ def run_training(data_config: DataConfig, config: TrainConfig) -> dict[str, Any]
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, data_config: DataConfig, split_name: str = "test", exclude_history: bool = False
+    checkpoint: Path, data_config: DataConfig, split_name: str = "test", exclude_history: bool = True
 ) -> dict[str, Any]:
     """Re-evaluate a checkpoint on its data. The data must give the same vocabulary as at training time."""
     model, meta = load_checkpoint(checkpoint)

@@ -48,10 +48,10 @@ def test_perfect_and_hopeless_rankings() -> None:
     assert all(worst[k] == 0.0 for k in worst if k != "MRR") and worst["MRR"] == pytest.approx(1 / 10_001)
 
 
-def test_full_protocol_masks_only_padding() -> None:
+def test_history_kept_masks_only_padding() -> None:
     scores = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
     history = torch.tensor([[3, 4, 0], [5, 0, 0]])
-    masked = mask_scores(scores, history, torch.tensor([1, 2]), EvalConfig(), torch.Generator())
+    masked = mask_scores(scores, history, torch.tensor([1, 2]), EvalConfig(exclude_history=False), torch.Generator())
     assert torch.isneginf(masked[:, 0]).all()
     assert torch.equal(masked[:, 1:], scores[:, 1:])
     assert torch.isfinite(scores).all()  # the input is not modified
@@ -116,5 +116,5 @@ def test_sampled_protocol_with_fewer_unseen_items_than_negatives() -> None:
 
 def test_describe_names_the_protocol() -> None:
     assert "100 random unseen" in EvalConfig(protocol="sampled").describe()
-    assert "not excluded" in EvalConfig().describe()
-    assert "excluded" in EvalConfig(exclude_history=True).describe()
+    assert EvalConfig().describe() == "full ranking, history excluded"  # the papers' protocol is the default
+    assert EvalConfig(exclude_history=False).describe() == "full ranking, history kept"
