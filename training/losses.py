@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,13 @@ from genrec.training.hstu import HSTU, KVCache
 
 @dataclass(frozen=True)
 class LossConfig:
-    num_negatives: int = 128  # uniform negatives shared by the batch, plus the batch's own targets
+    # "full": softmax cross-entropy over the whole catalogue (SASRec+, Klenitskiy & Vasilev 2023), the stronger
+    # objective where the catalogue fits; "sampled": sampled softmax (the HSTU paper's); "auto": full up to
+    # `full_max_items` items, sampled beyond
+    kind: Literal["auto", "full", "sampled"] = "auto"
+    full_max_items: int = 100_000
+    num_negatives: int = 128  # sampled: uniform negatives shared by the batch
+    in_batch_negatives: bool = False  # sampled: also the batch's own targets (Meta's ML-1M recipe: uniform only)
     temperature: float = 0.05
     # cut points per batch for the ranking objective, spread evenly over its sequences (>= 1 each); each cut
     # copies its history's K/V, so this bounds the objective's memory whatever the batch size
@@ -34,17 +41,43 @@ def next_item_targets(batch: SequenceBatch) -> tuple[Tensor, Tensor]:
     return targets, mask
 
 
+def uses_full_softmax(config: LossConfig, num_items: int) -> bool:
+    return config.kind == "full" or (config.kind == "auto" and num_items <= config.full_max_items)
+
+
+def describe_loss(config: LossConfig, num_items: int) -> str:
+    if uses_full_softmax(config, num_items):
+        return f"full softmax over {num_items:,} items"
+    extra = " and in-batch" if config.in_batch_negatives else ""
+    return f"sampled softmax, {config.num_negatives} uniform{extra} negatives of {num_items:,} items"
+
+
+def retrieval_loss(
+    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator
+) -> Tensor:
+    """The next-item objective. user (P, D) L2-normalised, targets (P,) dense ids, item_table (N+1, D) -> scalar."""
+    if uses_full_softmax(config, item_table.shape[0] - 1):
+        return full_softmax_loss(user, targets, item_table, config)
+    return sampled_softmax_loss(user, targets, item_table, config, generator)
+
+
+def full_softmax_loss(user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig) -> Tensor:
+    """Cross-entropy over every item (row 0, padding, is never a class). Shapes as in `retrieval_loss`."""
+    logits = user @ item_table[1:].T / config.temperature  # (P, N)
+    return F.cross_entropy(logits, targets - 1)
+
+
 def sampled_softmax_loss(
     user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator
 ) -> Tensor:
-    """user (P, D) L2-normalised, targets (P,) dense ids, item_table (N+1, D) normalised -> scalar loss.
+    """Sampled softmax. Shapes as in `retrieval_loss`.
 
-    Negatives are uniform items plus the batch's distinct targets (in-batch negatives); a negative equal to
-    the row's own target is masked out rather than counted as wrong.
+    Negatives are uniform items shared by the batch, plus (`in_batch_negatives`) the batch's distinct targets;
+    a negative equal to the row's own target is masked out rather than counted as wrong.
     """
     num_items = item_table.shape[0] - 1
     uniform = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(targets.device)
-    negatives = torch.cat([uniform, targets.unique()])  # (M,)
+    negatives = torch.cat([uniform, targets.unique()]) if config.in_batch_negatives else uniform  # (M,)
     positive_logits = (user * item_table[targets]).sum(-1, keepdim=True)  # (P, 1)
     negative_logits = user @ item_table[negatives].T  # (P, M)
     negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))

@@ -1,0 +1,62 @@
+"""The retrieval objectives and the FLOP count the speed tables use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genrec.training.batch import SequenceBatch
+from genrec.training.flops import encoder_forward_flops, train_step_flops
+from genrec.training.hstu import HSTUConfig
+from genrec.training.losses import LossConfig, full_softmax_loss, retrieval_loss, uses_full_softmax
+from genrec.training.sasrec import SASRecConfig
+
+
+def test_full_softmax_is_cross_entropy_over_every_item_and_never_the_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    table = F.normalize(torch.randn(8, 4, generator=g), dim=-1)  # 7 items + padding row 0
+    user = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    targets = torch.tensor([1, 7, 3, 3, 5])
+    config = LossConfig(kind="full", temperature=0.1)
+    logits = user @ table.T / 0.1
+    expected = -(logits.gather(1, targets[:, None]).squeeze(1) - logits[:, 1:].logsumexp(dim=1)).mean()
+    assert torch.allclose(full_softmax_loss(user, targets, table, config), expected, atol=1e-6)
+    # padding as a class would change the normaliser: moving row 0 must not move the loss
+    moved = table.clone()
+    moved[0] = user[0]
+    assert torch.allclose(full_softmax_loss(user, targets, moved, config), expected, atol=1e-6)
+    assert torch.allclose(retrieval_loss(user, targets, table, config, g), expected, atol=1e-6)
+
+
+def test_auto_takes_the_full_softmax_only_where_the_catalogue_fits() -> None:
+    auto = LossConfig(kind="auto", full_max_items=1000)
+    assert uses_full_softmax(auto, 1000) and not uses_full_softmax(auto, 1001)
+    assert uses_full_softmax(LossConfig(kind="full", full_max_items=10), 10**6)
+    assert not uses_full_softmax(LossConfig(kind="sampled"), 10)
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_sampled_softmax_counts_each_drawn_negative_and_in_batch_targets_only_when_asked(in_batch: bool) -> None:
+    table = torch.eye(3)  # padding, item 1, item 2: orthogonal, so a negative's logit is 0 and the target's 1
+    user, targets = table[1:], torch.tensor([1, 2])
+    config = LossConfig(kind="sampled", num_negatives=64, temperature=1.0, in_batch_negatives=in_batch)
+    loss = retrieval_loss(user, targets, table, config, torch.Generator().manual_seed(0))
+    drawn = torch.randint(1, 3, (64,), generator=torch.Generator().manual_seed(0))
+    # a negative equal to the row's target is masked; in-batch adds the other row's target once
+    other = [int((drawn == 2).sum()) + in_batch, int((drawn == 1).sum()) + in_batch]
+    expected = sum(float(torch.log1p(torch.tensor(k * torch.e**-1.0))) for k in other) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_flops_count_the_matmuls_by_hand() -> None:
+    hstu = HSTUConfig(num_items=100, d_model=8, num_layers=2, num_heads=2, d_qk=4, d_v=4)
+    # per layer and token: uvqk 2*8*2*(8+8) = 512, output 2*8*8 = 128; attention 2*n^2*2*(4+4)
+    n = 3
+    assert encoder_forward_flops(hstu, batch=1, length=n) == 2 * (n * 640 + 2 * n * n * 16)
+    sasrec = SASRecConfig(num_items=100, d_model=8, num_layers=1)
+    assert encoder_forward_flops(sasrec, batch=2, length=n) == 2 * (n * (2 * 8 * 32 + 4 * 64) + 2 * n * n * 16)
+    batch = SequenceBatch.from_lists([[1, 2, 3], [4, 5]])  # 3 positions with a next item
+    full = train_step_flops(hstu, LossConfig(kind="full"), batch)
+    sampled = train_step_flops(hstu, LossConfig(kind="sampled", num_negatives=10), batch)
+    assert full - sampled == 3 * 2 * 3 * 8 * (100 - 10)  # fwd + bwd of the logits over 100 vs 10 classes
