@@ -29,13 +29,15 @@ class Interactions:
 
     user: np.ndarray  # (N,) raw user ids (int64, or object array of str)
     item: np.ndarray  # (N,) raw item ids (int64, or object array of str)
-    timestamp: np.ndarray  # (N,) int64 unix seconds
+    timestamp: np.ndarray  # (N,) int64 unix seconds; all 0 when the log has no time (``timed`` False)
     rating: np.ndarray | None  # (N,) float32 rating/action value (NaN unknown), None when the log has none
     name: str
     # index = raw user id; columns e.g. age, gender, occupation
     user_features: pd.DataFrame | None = None
     # index = raw item id; columns title (str), year (int, 0 unknown), genres (tuple[str, ...])
     item_features: pd.DataFrame | None = None
+    # False: the log is only ordered (each user's events in file order); nothing time-based is learned from it
+    timed: bool = True
 
     def __len__(self) -> int:
         return len(self.user)
@@ -153,12 +155,15 @@ def _read_csv(
         ) from None
 
 
-def _check_columns(frame: pd.DataFrame, wanted: list[str], source: _Source) -> None:
+def _check_columns(
+    frame: pd.DataFrame, wanted: list[str], source: _Source, hints: dict[str, str] | None = None
+) -> None:
     for column in wanted:
         if column not in frame.columns:
             available = ", ".join(repr(str(c)) for c in frame.columns)
             header = None if source.first_line is None else 1
-            raise DataFormatError(source.path, f"missing column {column!r} (available: {available})", header)
+            hint = (hints or {}).get(column, "")
+            raise DataFormatError(source.path, f"missing column {column!r} (available: {available}){hint}", header)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,18 +360,20 @@ def load_movielens_ratings(path: Path | str) -> Interactions:
 
 @dataclass(frozen=True)
 class ColumnMapping:
-    """Which columns of a user's table hold what. rating=None: the log has no action values."""
+    """Which columns of a user's table hold what. rating=None: the log has no action values; timestamp=None:
+    it has no time, and each user's events are taken in file order."""
 
     user: str = "user_id"
     item: str = "item_id"
-    timestamp: str = "timestamp"
+    timestamp: str | None = "timestamp"
     rating: str | None = None
 
 
 def load_table(path: Path | str, columns: ColumnMapping = ColumnMapping()) -> Interactions:
     """A CSV (with a header) or Parquet log. Timestamps: unix seconds, datetimes or datetime strings."""
     path = Path(path)
-    wanted = [columns.user, columns.item, columns.timestamp] + ([columns.rating] if columns.rating else [])
+    optional = [c for c in (columns.timestamp, columns.rating) if c]
+    wanted = [columns.user, columns.item, *optional]
     if path.suffix.lower() in (".parquet", ".pq"):
         source = _Source(path, first_line=None)
         try:
@@ -376,15 +383,20 @@ def load_table(path: Path | str, columns: ColumnMapping = ColumnMapping()) -> In
     else:
         source = _Source(path, first_line=2)
         frame = _read_csv(source, path, " separated by ','")
-    _check_columns(frame, wanted, source)
+    no_time = "; a log without time: --time-col none (ColumnMapping(timestamp=None))"
+    _check_columns(frame, wanted, source, {columns.timestamp: no_time} if columns.timestamp else None)
     if frame.empty:
         raise source.error("no rows")
     return Interactions(
         user=_as_ids(frame[columns.user], columns.user, source),
         item=_as_ids(frame[columns.item], columns.item, source),
-        timestamp=_as_unix_seconds(frame[columns.timestamp], columns.timestamp, source),
+        timestamp=(
+            _as_unix_seconds(frame[columns.timestamp], columns.timestamp, source)
+            if columns.timestamp else np.zeros(len(frame), dtype=np.int64)
+        ),
         rating=_as_float32(frame[columns.rating], columns.rating, source) if columns.rating else None,
         name=path.stem,
+        timed=columns.timestamp is not None,
     )
 
 
@@ -399,6 +411,10 @@ class SyntheticConfig:
     min_len: int = 20
     max_len: int = 60
     follow_prob: float = 0.9  # chance that the next item is the successor of the current one
+    # jumps (and first items) draw item i with weight (i + 1)^-popularity_exponent: 0 = uniform, ~1 = the
+    # long tail of real catalogues, where most items are rarely seen
+    popularity_exponent: float = 0.0
+    timed: bool = True  # False: a log with no time, only the order of each user's events
     seed: int = 0
     start_time: int = 1_600_000_000  # unix seconds
     mean_gap_s: int = 3600
@@ -410,8 +426,9 @@ def synthetic(config: SyntheticConfig = SyntheticConfig()) -> Interactions:
     Items sit on one hidden random cycle. Each user starts at a random item; each next item is the
     current item's successor on the cycle with probability `follow_prob`, else a uniformly random item.
     Ratings are 4-5 on successor steps and 1-3 otherwise, so actions carry signal too.
-    Item popularity is near uniform, so popularity scores HR@10 ~ chance = 10 / num_items (5% by default);
-    a model that learns the rule scores HR@10 >= follow_prob. Raw ids are 1..num_users and 1..num_items.
+    With `popularity_exponent` 0, item popularity is near uniform, so popularity scores HR@10 ~ chance =
+    10 / num_items (5% by default); a model that learns the rule scores HR@10 >= follow_prob. Raw ids are
+    1..num_users and 1..num_items.
     """
     rng = np.random.default_rng(config.seed)
     users, width = config.num_users, config.max_len
@@ -422,7 +439,11 @@ def synthetic(config: SyntheticConfig = SyntheticConfig()) -> Interactions:
     lengths = rng.integers(config.min_len, config.max_len + 1, size=users)  # (U,)
     follow = rng.random((users, width)) < config.follow_prob  # (U, W)
     follow[:, 0] = False
-    jumps = rng.integers(0, config.num_items, size=(users, width))  # (U, W)
+    if config.popularity_exponent:
+        weights = np.arange(1, config.num_items + 1, dtype=np.float64) ** -config.popularity_exponent
+        jumps = rng.choice(config.num_items, size=(users, width), p=weights / weights.sum())  # (U, W)
+    else:
+        jumps = rng.integers(0, config.num_items, size=(users, width))
     items = np.empty((users, width), dtype=np.int64)
     items[:, 0] = jumps[:, 0]
     for t in range(1, width):
@@ -437,13 +458,15 @@ def synthetic(config: SyntheticConfig = SyntheticConfig()) -> Interactions:
 
     valid = np.arange(width)[None, :] < lengths[:, None]  # (U, W)
     user_ids = np.broadcast_to(np.arange(1, users + 1)[:, None], (users, width))
-    order = rng.permutation(int(valid.sum()))  # a log is not sorted by user
+    # a log is not sorted by user; one without time keeps each user's events in order
+    order = rng.permutation(int(valid.sum())) if config.timed else np.arange(int(valid.sum()))
     return Interactions(
         user=user_ids[valid][order].astype(np.int64),
         item=(items[valid] + 1)[order],
-        timestamp=timestamps[valid][order],
+        timestamp=timestamps[valid][order] if config.timed else np.zeros(int(valid.sum()), dtype=np.int64),
         rating=ratings[valid][order].astype(np.float32),
         name=f"synthetic-{config.seed}",
+        timed=config.timed,
     )
 
 

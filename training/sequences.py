@@ -200,6 +200,7 @@ class SequenceData:
     year_values: np.ndarray  # (Y,) int64 sorted year of each year id 1..Y
     genre_names: tuple[str, ...]  # (G,)
     item_titles: np.ndarray  # (N+1,) object str, '' when unknown
+    timed: bool = True  # False: the log had no time (timestamps all 0, events in log order)
 
     def lengths(self) -> np.ndarray:
         """(U,) int64."""
@@ -332,6 +333,7 @@ def build_sequences(log: Interactions, config: PreprocessConfig = PreprocessConf
         year_values=year_values,
         genre_names=genre_names,
         item_titles=titles,
+        timed=log.timed,
     )
 
 

@@ -21,7 +21,7 @@ from genrec.training.datasets import (
     main,
     synthetic,
 )
-from genrec.training.sequences import build_sequences
+from genrec.training.sequences import PreprocessConfig, build_sequences
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,31 @@ def test_table_csv_with_unix_seconds(tmp_path: Path) -> None:
     log = load_table(path)
     np.testing.assert_array_equal(log.timestamp, [100, 200])
     assert log.item.dtype == np.int64
+
+
+def test_a_table_without_time_keeps_each_users_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id\n1,30\n2,7\n1,10\n1,20\n2,5\n1,40\n2,6\n")
+    log = load_table(path, ColumnMapping(timestamp=None))
+    assert not log.timed and (log.timestamp == 0).all()
+    data = build_sequences(log, PreprocessConfig(min_user_interactions=3))
+    assert not data.timed
+    raw = [data.item_vocab.to_raw(data.sequence(u)[0]).tolist() for u in range(len(data.users))]
+    assert raw == [[30, 10, 20, 40], [7, 5, 6]]
+
+
+def test_a_table_without_time_still_needs_its_other_columns(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,sku\n1,30\n")
+    with pytest.raises(DataFormatError, match="item_id"):
+        load_table(path, ColumnMapping(timestamp=None))
+
+
+def test_a_missing_time_column_says_how_to_load_a_log_without_time(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id\n1,30\n")
+    with pytest.raises(DataFormatError, match="missing column 'timestamp'.*--time-col none"):
+        load_table(path)
 
 
 @pytest.mark.parametrize(
