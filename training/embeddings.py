@@ -34,7 +34,10 @@ class ItemEncoder(nn.Module):
     def __init__(self, num_items: int, d_model: int, num_genres: int, num_years: int) -> None:
         super().__init__()
         self.ids = nn.Embedding(num_items + 1, d_model, padding_idx=0)
-        nn.init.normal_(self.ids.weight, std=d_model**-0.5)
+        # Meta's init (truncated normal, std 0.02): the models scale tokens by sqrt(d), so an item starts at norm
+        # ~0.02 d, well below what the layers add. A larger start (std d^-0.5, norm sqrt(d)) let an item's own
+        # random embedding dominate the user state, and learning on short histories stalled for epochs.
+        nn.init.trunc_normal_(self.ids.weight, std=0.02, a=-0.04, b=0.04)
         with torch.no_grad():
             self.ids.weight[0].zero_()
         self.genre_proj = nn.Linear(num_genres, d_model, bias=False) if num_genres else None

@@ -44,7 +44,8 @@ class HSTUConfig:
     d_v: int = 64  # per head
     max_len: int = 200
     dropout: float = 0.2
-    num_time_buckets: int = 64
+    # log-bucketed time gaps of the relative bias (Meta's 128); 0 = no time bias, for logs without time
+    num_time_buckets: int = 128
     temperature: float = 0.05  # of the sampled softmax; the scorer starts from the retrieval logit / temperature
     num_tasks: int = 2  # ranking heads: 0 = engagement (the served score), 1 = high rating
     score_chunk: int = 512  # candidates scored per chunk, bounds memory for thousands of candidates
@@ -55,12 +56,6 @@ class HSTUConfig:
 
     def __post_init__(self) -> None:  # a JSON round trip gives a list
         object.__setattr__(self, "popularity_windows", tuple(self.popularity_windows))
-
-
-def paper_ml_preset(num_items: int, **overrides: int) -> HSTUConfig:
-    """The HSTU paper's MovieLens setting (d=50, 2 layers, 1 head, length 200, dropout 0.2)."""
-    base: dict = dict(d_model=50, num_layers=2, num_heads=1, d_qk=50, d_v=50, max_len=200, dropout=0.2)
-    return HSTUConfig(num_items=num_items, **{**base, **overrides})
 
 
 def reference_preset(num_items: int, **overrides: int) -> HSTUConfig:
@@ -136,9 +131,10 @@ class KVArena:
 
 
 def time_bucket(seconds: Tensor, num_buckets: int) -> Tensor:
-    """Log-bucketed absolute time gap, as in HSTU's relative time bias."""
+    """Log-bucketed absolute time gap, as in HSTU's relative time bias: Meta's width 0.301 = log10(2) makes
+    a bucket ~1.35x the previous gap, so 128 buckets span 1 s to far beyond any log."""
     gap = seconds.abs().clamp(min=1).to(torch.float32)
-    return (torch.log(gap) / 0.301).long().clamp(max=num_buckets - 1)
+    return (torch.log(gap) / 0.301).long().clamp(max=max(num_buckets - 1, 0))
 
 
 class RelativeBias(nn.Module):
@@ -150,14 +146,15 @@ class RelativeBias(nn.Module):
     def __init__(self, max_len: int, num_time_buckets: int) -> None:
         super().__init__()
         self.position = nn.Parameter(torch.zeros(max_len + 1))
-        self.time = nn.Parameter(torch.zeros(num_time_buckets))
+        self.time = nn.Parameter(torch.zeros(num_time_buckets)) if num_time_buckets else None
 
     @staticmethod
     def buckets(distance: Tensor, gap_seconds: Tensor, config: HSTUConfig) -> tuple[Tensor, Tensor]:
         return distance.clamp(0, config.max_len), time_bucket(gap_seconds, config.num_time_buckets)
 
     def forward(self, buckets: tuple[Tensor, Tensor]) -> Tensor:
-        return self.position[buckets[0]] + self.time[buckets[1]]
+        bias = self.position[buckets[0]]
+        return bias if self.time is None else bias + self.time[buckets[1]]
 
 
 class HSTULayer(nn.Module):
