@@ -82,3 +82,27 @@ def evaluate_two_stage(
     """
     parts = rerank(model, data, config, retrieve_k, batch_size)
     return metrics_from_ranks(torch.cat([p.ranks() for p in parts]).cpu())
+
+
+@torch.no_grad()
+def evaluate_scorer_sampled(model: HSTU, data: Split, config: EvalConfig, batch_size: int = 256) -> dict[str, float]:
+    """The sampled protocol's candidates (the target and its drawn negatives) ranked by the candidate scorer,
+    as `rank` would serve them: the two-stage pipeline's second stage under the sampled protocol."""
+    if config.protocol != "sampled":
+        raise ValueError("evaluate_scorer_sampled takes the sampled protocol")
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    ranks = []
+    for chunk in data.to_batches(batch_size, model.config.max_len):
+        batch, targets = chunk.history.to(device), chunk.target_items.to(device)
+        # the draw `evaluate` makes with the same batch size: the same negatives
+        kept = mask_scores(torch.zeros(batch.batch_size, model.config.num_items + 1, device=device), batch.items,
+                           targets, config, generator).isfinite()
+        candidates = kept.float().topk(min(config.num_sampled_negatives + 1, kept.shape[1]), dim=1).indices
+        real = kept.gather(1, candidates)  # a row with fewer eligible items than asked has some padding
+        cache, user = model.prefill(batch)
+        scores = model.score_candidates(cache, user, candidates)[..., 0].masked_fill(~real, float("-inf"))
+        target = torch.where(candidates == targets[:, None], scores, float("-inf")).max(dim=1).values
+        ranks.append((scores >= target[:, None]).sum(1) - 1)
+    return metrics_from_ranks(torch.cat(ranks).cpu())

@@ -20,7 +20,7 @@ import torch
 
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.datasets import SyntheticConfig
-from genrec.training.evaluate import rerank
+from genrec.training.evaluate import evaluate, evaluate_scorer_sampled, rerank
 from genrec.training.hstu import HSTU
 from genrec.training.metrics import EvalConfig, metrics_from_ranks
 from genrec.training.popularity import PopularityConfig, popularity_table
@@ -119,7 +119,7 @@ def test_the_ranker_weight_is_the_best_on_validation_and_is_baked_into_the_serve
         assert all(ndcg(w / weight) <= chosen + 1e-12 for w in RANKER_WEIGHTS)
     else:  # weight 0: the served order is retrieval's, the correction is gone
         assert all(float(p.correction.abs().max()) < 1e-4 for p in parts)
-    served_metrics = metrics["served_two_stage"]
+    served_metrics = metrics["two_stage"]
     assert served_metrics["HR@10"] >= 5 * CHANCE_HR10, served_metrics
 
 
@@ -139,3 +139,31 @@ def test_the_checkpoint_carries_the_popularity_of_its_whole_log(runs: dict[str, 
     assert int(model.popularity.cumulative[-1].sum()) == len(data.items)  # every event, held-out ones too
     without = make_model(replace(config(tmp_path, epochs=1), popularity=PopularityConfig(enabled=False)), data)
     assert isinstance(without, HSTU) and without.popularity is None and without.rank_head.features is None
+
+
+@pytest.mark.parametrize(("min_epochs", "expected"), [(0, 2), (3, 4)])
+def test_patience_counts_only_from_min_epochs(tmp_path: Path, min_epochs: int, expected: int) -> None:
+    """lr 0: validation never improves after epoch 0, so patience 1 ends the run at the first epoch it counts."""
+    frozen = replace(config(tmp_path, epochs=10), lr=0.0, patience=1, min_epochs=min_epochs, calibrate_ranker=False)
+    metrics = run_training(DATA, frozen)
+    assert metrics["epochs_run"] == expected and metrics["best_epoch"] == 0
+
+
+def test_the_sampled_two_stage_row_ranks_the_same_candidates_as_retrieval(tmp_path: Path) -> None:
+    """An untrained ranking head's correction is exactly 0, so the scorer ranks the sampled protocol's 101
+    items as retrieval does: the same negatives, the same ranks."""
+    data, split, _ = prepare(DATA)
+    model = make_model(TrainConfig(preset="tiny"), data)
+    assert isinstance(model, HSTU)
+    sampled = EvalConfig(protocol="sampled")
+    assert evaluate_scorer_sampled(model, split.test, sampled) == evaluate(model, split.test, sampled)
+
+
+def test_a_log_without_time_trains_hstu_without_time_bias_or_popularity(tmp_path: Path) -> None:
+    untimed = replace(DATA, synthetic=replace(DATA.synthetic, timed=False))
+    data, _, _ = prepare(untimed)
+    model = make_model(TrainConfig(preset="tiny"), data)
+    assert isinstance(model, HSTU) and model.popularity is None
+    assert all(layer.bias.time is None for layer in model.blocks)
+    metrics = run_training(untimed, replace(config(tmp_path, epochs=3), calibrate_ranker=False))
+    assert metrics["full"]["HR@10"] >= 3 * CHANCE_HR10, metrics["full"]
