@@ -28,8 +28,10 @@ import numpy as np
 
 from genrec.benchmarks.common import RESULTS_DIR, Section, command_line, machine_description, write_markdown
 from genrec.training.datasets import Interactions, SyntheticConfig
+from genrec.training.evaluate import evaluate_scores, popularity_scores
 from genrec.training.losses import LossConfig
-from genrec.training.prepare import DataConfig, run_training
+from genrec.training.metrics import EvalConfig
+from genrec.training.prepare import DataConfig, prepare, run_training
 from genrec.training.trainer import TrainConfig
 
 COLUMNS = ("HR@10", "NDCG@10", "HR@50", "MRR")
@@ -195,19 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     runs = {name: [results[name, seed] for seed in seeds] for name in args.models}
     quality_minutes = (time.monotonic() - started) / 60
     ml1m = {} if args.quick else {name: ml1m_epoch_seconds(name.lower(), TrainConfig.batch_size) for name in args.models}
-    write_report(out, suite, base, runs, seeds, ml1m, quality_minutes, machine, args)
+    write_report(out, suite, base, runs, seeds, popularity_baseline(suite.data), ml1m, quality_minutes, machine, args)
     print(f"wrote {out} ({(time.monotonic() - started) / 60:.1f} min)")
     return 0
 
 
+def popularity_baseline(data: DataConfig) -> dict[str, dict[str, float]]:
+    """Test metrics of ranking by training-event counts, under both protocols."""
+    sequences, split, _ = prepare(data)
+    scores = popularity_scores(split.train, len(sequences.item_vocab))
+    return {protocol: evaluate_scores(scores, split.test, EvalConfig(protocol=protocol))  # type: ignore[arg-type]
+            for protocol in ("full", "sampled")}
+
+
 def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, list[dict[str, Any]]],
-                 seeds: list[int], ml1m: dict[str, tuple[float, int]], minutes: float, machine: str,
-                 args: argparse.Namespace) -> None:
+                 seeds: list[int], popularity: dict[str, dict[str, float]], ml1m: dict[str, tuple[float, int]],
+                 minutes: float, machine: str, args: argparse.Namespace) -> None:
     first_run = next(iter(runs.values()))[0]
     first = first_run["protocol"]
     epochs = [[name, ", ".join(str(r["epochs_run"]) for r in rs), ", ".join(str(r["best_epoch"]) for r in rs),
                f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f}"] for name, rs in runs.items()]
-    references = {"full": [], "sampled": []}  # type: dict[str, list[list[object]]]
+    references: dict[str, list[list[object]]] = {
+        p: [["popularity (training counts)", *(f"{popularity[p][c]:.4f}" for c in COLUMNS)]] for p in popularity}
     for table, label, values in suite.references:
         references[table].append([label, *(f"{values[c]:.4f}" if c in values else "" for c in COLUMNS)])
     sections = [

@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from genrec.training.batch import SequenceBatch
 from genrec.training.hstu import HSTU
 from genrec.training.metrics import EvalConfig, mask_scores, metrics_from_ranks, target_ranks
-from genrec.training.sequences import Split
+from genrec.training.sasrec import SASRec
+from genrec.training.sequences import Histories, Split
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, config: EvalConfig, batch_size: int = 256) -> dict[str, float]:
+def evaluate(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: int = 256) -> dict[str, float]:
     """Leave-one-out metrics of the retrieval score <user, item> under `config`'s protocol."""
     model.eval()
     device = next(model.parameters()).device
-    table = model.item_table()  # type: ignore[operator]
-    generator = torch.Generator().manual_seed(config.seed)
-    ranks = []
-    for chunk in data.to_batches(batch_size, model.config.max_len):  # type: ignore[union-attr]
-        batch, targets = chunk.history.to(device), chunk.target_items.to(device)
+    table = model.item_table()
+
+    def scores(batch: SequenceBatch) -> Tensor:
         user = torch.empty(batch.batch_size, table.shape[1], device=device)
         for rows in batch.length_groups():  # exact either way; bounds the padding and the attention's memory
-            user[rows] = model.user_embedding(batch.select(rows))  # type: ignore[operator]
-        scores = user @ table.T
-        ranks.append(target_ranks(mask_scores(scores, batch.items, targets, config, generator), targets))
+            user[rows] = model.user_embedding(batch.select(rows))
+        return user @ table.T
+
+    return evaluate_scores(scores, data, config, model.config.max_len, batch_size, device)
+
+
+def popularity_scores(train: Histories, num_items: int) -> Callable[[SequenceBatch], Tensor]:
+    """The popularity baseline: every user gets the items' training-event counts (N+1,) as scores."""
+    counts = torch.from_numpy(np.bincount(train.items, minlength=num_items + 1).astype(np.float32))
+    return lambda batch: counts.to(batch.items.device).expand(batch.batch_size, -1)
+
+
+@torch.no_grad()
+def evaluate_scores(
+    scores: Callable[[SequenceBatch], Tensor], data: Split, config: EvalConfig, max_len: int | None = None,
+    batch_size: int = 256, device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Leave-one-out metrics of any scorer: histories (B, T) -> scores (B, N+1), under `config`'s protocol."""
+    generator = torch.Generator().manual_seed(config.seed)
+    ranks = []
+    for chunk in data.to_batches(batch_size, max_len):
+        batch, targets = chunk.history.to(device), chunk.target_items.to(device)
+        ranks.append(target_ranks(mask_scores(scores(batch), batch.items, targets, config, generator), targets))
     return metrics_from_ranks(torch.cat(ranks).cpu())
 
 
