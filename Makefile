@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; a GPU user runs `make setup TORCH=torch` (or pre-installs a CUDA build in the venv).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint quality kv-cache retrieval-bench bench clean
+.PHONY: setup demo test lint quality quality-short kv-cache retrieval-bench bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: lint
 
 quality: setup
 	$(PY) -m genrec.benchmarks.quality
+
+quality-short: setup
+	$(PY) -m genrec.benchmarks.quality --suite short --seeds 0 --max-minutes 15
 
 kv-cache: setup
 	$(PY) -m genrec.benchmarks.kv_cache

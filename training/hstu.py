@@ -334,6 +334,10 @@ class HSTU(nn.Module):
         return torch.cat(chunks, dim=1)
 
     def _score_chunk(self, cache: KVCache, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
+        return self.head(self.candidate_states(cache, candidates, request_time), user, candidates, request_time)
+
+    def candidate_states(self, cache: KVCache, candidates: Tensor, request_time: Tensor) -> Tensor:
+        """Each candidate (B, C) as one more token after the cached history -> its final state (B, C, D)."""
         width = cache.keys.shape[2]
         key_pos = torch.arange(width, device=candidates.device)
         valid = (key_pos[None, :] < cache.lengths[:, None]).float()  # (B, L)
@@ -352,9 +356,10 @@ class HSTU(nn.Module):
             attended = torch.einsum("bchl,blhd->bchd", hist * scale, cache.values[i])
             attended = attended + (own * scale)[..., None] * v
             x = layer.finish(x, attended, u)
-        return self._head(x, user, candidates, request_time)
+        return x
 
-    def _head(self, x: Tensor, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
+    def head(self, x: Tensor, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
+        """Candidates' final states (B, C, D) and the user (B, D) -> logits (B, C, num_tasks): task 0 the served score."""
         retrieval = torch.einsum("bd,bcd->bc", user, F.normalize(self.items(candidates), dim=-1))
         features = self.popularity(candidates, request_time) if self.popularity is not None else None
         logits = self.rank_head(x, features)
@@ -389,4 +394,4 @@ class HSTU(nn.Module):
             u, v, q, k = layer.project(x)
             x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask.float()), u)
         outputs = F.normalize(x[torch.arange(b, device=device), batch.lengths - 1], dim=-1)
-        return self._head(x[:, n:], outputs, candidates, request_time)
+        return self.head(x[:, n:], outputs, candidates, request_time)

@@ -124,9 +124,15 @@ def ranking_loss(
     uniform = torch.randint(1, table.shape[0], (rows.shape[0], config.rank_uniform_negatives), generator=generator)
     candidates = torch.cat([positives[:, None], hard, uniform.to(device)], dim=1)  # (P, 1 + M)
     request_time = batch.timestamps[rows, cuts - 1]
-    logits = model.score_candidates(cache.select(rows).with_lengths(cuts), history_user, candidates, request_time)
-    # Only the head's correction learns from this loss: the retrieval logit inside the served score is trained
-    # by the sampled softmax alone, so hard negatives here cannot pull the retrieval embeddings around.
+    # Only the ranking head learns from this loss. The encoder is shared with retrieval and trained by the
+    # retrieval loss alone: letting this loss pull it too slowed retrieval's learning on short histories, and
+    # without its backward pass through the candidate tokens a training step is cheaper.
+    history_user = history_user.detach()
+    with torch.no_grad():
+        states = model.candidate_states(cache.select(rows).with_lengths(cuts), candidates, request_time)
+    logits = model.head(states, history_user, candidates, request_time)
+    # The served score holds the retrieval logit, whose item embeddings are retrieval's: its gradient is
+    # cancelled, so hard negatives here cannot pull the retrieval embeddings around.
     retrieval = torch.einsum("pd,pcd->pc", history_user, F.normalize(model.items(candidates), dim=-1))
     retrieval = retrieval / model.config.temperature
     engagement = logits[..., 0] - retrieval + retrieval.detach()
