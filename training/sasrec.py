@@ -54,6 +54,9 @@ class SASRec(nn.Module):
         self.config = config
         self.items = ItemEncoder(config.num_items, config.d_model, config.num_genres, config.num_years)
         self.positions = nn.Embedding(config.max_len, config.d_model)
+        # Meta's positional preprocessor init (std d^-0.5): the same scale as an item token, std 0.02 x sqrt(d)
+        # (torch's default N(0, 1) would drown the items by ~7x at d=50)
+        nn.init.trunc_normal_(self.positions.weight, std=config.d_model**-0.5)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
