@@ -113,7 +113,7 @@ class ScorerExport(nn.Module):
         -> scores (B, C) float32."""
         cache = KVCache(keys.transpose(0, 1), values.transpose(0, 1), timestamps, lengths)
         request_time = timestamps.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
-        return self.model._score_chunk(cache, user, candidates, request_time)[..., 0]
+        return self.model.score_unchunked(cache, user, candidates, request_time)[..., 0]
 
 
 # ---- export ------------------------------------------------------------------------------------------------

@@ -328,12 +328,13 @@ class HSTU(nn.Module):
         if request_time is None:
             request_time = cache.timestamps.gather(1, (cache.lengths - 1).clamp(min=0)[:, None]).squeeze(1)
         chunks = [
-            self._score_chunk(cache, user, chunk, request_time)
+            self.score_unchunked(cache, user, chunk, request_time)
             for chunk in candidates.split(self.config.score_chunk, dim=1)
         ]
         return torch.cat(chunks, dim=1)
 
-    def _score_chunk(self, cache: KVCache, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
+    def score_unchunked(self, cache: KVCache, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
+        """`score_candidates` for one chunk of candidates, all at once: what the exported scorers run."""
         return self.head(self.candidate_states(cache, candidates, request_time), user, candidates, request_time)
 
     def candidate_states(self, cache: KVCache, candidates: Tensor, request_time: Tensor) -> Tensor:
