@@ -271,7 +271,7 @@ class ItemRetrieval:
             raise RequestError(str(error)) from error
         results: list[dict[str, np.ndarray]] = []
         for b in range(len(parsed)):
-            found_ids = ids[b][ids[b] > 0]  # an approximate index may find fewer than asked
+            found_ids = ids[b][ids[b] > 0]  # fewer than asked: a user who has seen nearly every item, or FAISS
             raw = self.catalogue.vocab.to_raw(found_ids).astype(np.int64)
             results.append({RETRIEVED_ITEM_IDS: raw[None], RETRIEVED_SCORES: scores[b][: len(found_ids)][None]})
         return results
@@ -287,8 +287,8 @@ class TopN:
         if k <= 0:
             raise RequestError(f"'{protocol.K}' must be a positive integer, got {k}")
         if k > len(ids):
-            raise RequestError(f"'{protocol.K}'={k} exceeds the {len(ids)} candidates this repository retrieves "
-                               "(rebuild with a larger --retrieve-k)")
+            raise RequestError(f"'{protocol.K}'={k} exceeds the {len(ids)} candidates retrieved for this user (at "
+                               "most the repository's --retrieve-k; fewer when the user has seen nearly every item)")
         return ids, scores, k
 
     def execute(self, requests: list[Request]) -> list[Result]:

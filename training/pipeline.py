@@ -22,7 +22,8 @@ def recommend(
     seen: (B, S) dense ids never to recommend (0 = padding), e.g. the whole history before truncation.
     """
     cache, user = model.prefill(batch)
-    candidates, _ = top_k(user, model.item_table(), retrieve_k, seen)
-    scores = model.score_candidates(cache, user, candidates)[..., 0]  # (B, R)
+    candidates, _ = top_k(user, model.item_table(), retrieve_k, seen)  # -1 past a heavy user's eligible items
+    scores = model.score_candidates(cache, user, candidates.clamp(min=0))[..., 0]  # (B, R)
+    scores = scores.masked_fill(candidates < 1, float("-inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # ties keep retrieval order
     return candidates.gather(1, order), scores.gather(1, order)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_CHUNK = 65536  # catalogue rows scored at a time: B=64 x 65536 x 4 bytes = 16 MiB of scores
@@ -33,14 +34,6 @@ def _check_exclude(exclude: Tensor, num_items: int) -> None:
         raise ValueError(
             f"exclude holds ids outside 0..{num_items}: min {int(exclude.min())}, max {int(exclude.max())}"
         )
-
-
-def _num_excluded(exclude: Tensor) -> Tensor:
-    """(B, T) ids, 0 = padding -> (B,) number of distinct non-padding ids per row."""
-    ordered = exclude.sort(dim=1).values
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    return (first & (ordered != 0)).sum(dim=1)
 
 
 def _by_score_then_id(scores: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,8 +70,9 @@ def top_k(
 
     exclude: (B, T) dense ids to drop (0 = padding, ignored). Never returns id 0. The catalogue is scored
     ``chunk_size`` rows at a time and merged into a running top-k, so memory is O(B * (chunk_size + k))
-    whatever N is. Ties: equal scores come out in ascending id order (see ``_chunk_top_k``). Raises
-    ValueError when k exceeds the number of eligible items (N minus a row's distinct excluded ids).
+    whatever N is. Ties: equal scores come out in ascending id order (see ``_chunk_top_k``). A row with fewer
+    than k eligible items (N minus its distinct excluded ids: a user who has seen nearly everything) is
+    padded with id -1 and score -inf, as ``faiss_top_k`` pads, so it never fails the other rows of its batch.
     """
     num_items = table.shape[0] - 1
     b = user.shape[0]
@@ -93,9 +87,8 @@ def top_k(
         _check_exclude(exclude, num_items)
         if exclude.shape[0] != b:
             raise ValueError(f"exclude has {exclude.shape[0]} rows for {b} users")
-    eligible = num_items - (int(_num_excluded(exclude).max()) if exclude is not None and b else 0)
-    if k < 1 or k > eligible:
-        raise ValueError(f"k={k} must be in 1..{eligible}, the number of eligible items (of {num_items})")
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
 
     best_scores = user.new_full((b, 0), float("-inf"))
     best_ids = torch.zeros((b, 0), dtype=torch.long, device=user.device)
@@ -112,6 +105,9 @@ def top_k(
             torch.cat([best_scores, values], dim=1), torch.cat([best_ids, index + start], dim=1)
         )
         best_scores, best_ids = best_scores[:, :k], best_ids[:, :k]
+    pad = k - best_ids.shape[1]  # a catalogue smaller than k
+    best_scores = F.pad(best_scores, (0, pad), value=float("-inf"))
+    best_ids = F.pad(best_ids, (0, pad), value=-1).masked_fill(torch.isneginf(best_scores), -1)
     return best_ids, best_scores
 
 

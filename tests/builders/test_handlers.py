@@ -90,7 +90,7 @@ def test_top_n_orders_by_score_and_checks_k() -> None:
     result = top.execute([request])[0]
     assert isinstance(result, dict)
     assert result[protocol.ITEM_IDS].tolist() == [[20, 40, 10]]  # the tie 10/30 keeps retrieval order
-    for k, message in ((0, "positive"), (-2, "positive"), (5, "exceeds the 4 candidates")):
+    for k, message in ((0, "positive"), (-2, "positive"), (5, "exceeds the 4 candidates retrieved")):
         error = top.execute([{**request, protocol.K: np.array([[k]])}])[0]
         assert isinstance(error, h.RequestError) and message in str(error)
 
@@ -108,6 +108,32 @@ def test_build_adds_versions_and_writes_the_specs(tiny_checkpoint: Path, tmp_pat
     with pytest.raises(ValueError, match="retrieve_k"):
         build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10**6))
     assert next_version(tmp_path) == 3  # a failed build leaves no version behind
+
+
+def test_a_user_who_has_seen_nearly_everything_is_retrieved_alongside_others(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """All but 3 items seen, with a retrieval depth of 10: that user gets the 3 it has not seen, and a normal
+    user in the same batch gets exactly what it gets alone (once the whole batch failed with INTERNAL)."""
+    build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10))
+    retrieval = h.load_handler("item_retrieval", tmp_path / "item_retrieval" / "1", {"retrieve_k": "10"})
+    raw = h.Catalogue.from_meta(load_meta(tiny_checkpoint)).vocab.raw_ids
+    user = np.ones((1, retrieval.table.shape[1]), np.float32) / np.sqrt(retrieval.table.shape[1])
+    seen = {protocol.EXCLUDE_SEEN: np.array([[True]]), h.USER_EMBEDDING: user}
+    heavy = {**seen, protocol.HISTORY_ITEM_IDS: raw[3:][None]}
+    normal = {**seen, protocol.HISTORY_ITEM_IDS: raw[:2][None]}
+    both = retrieval.execute([heavy, normal])
+    alone = retrieval.execute([normal])[0]
+    assert isinstance(both[0], dict) and isinstance(both[1], dict) and isinstance(alone, dict)
+    assert sorted(both[0][h.RETRIEVED_ITEM_IDS][0].tolist()) == sorted(raw[:3].tolist())
+    assert both[1][h.RETRIEVED_ITEM_IDS].tolist() == alone[h.RETRIEVED_ITEM_IDS].tolist()
+    assert both[1][h.RETRIEVED_ITEM_IDS].shape == (1, 10)
+    # and top_n then serves the heavy user's 3, or says why k=5 cannot be met
+    top = h.TopN()
+    request = {h.RETRIEVED_ITEM_IDS: both[0][h.RETRIEVED_ITEM_IDS], h.CANDIDATE_SCORES: both[0][h.RETRIEVED_SCORES]}
+    assert isinstance(top.execute([{**request, protocol.K: np.array([[3]])}])[0], dict)
+    error = top.execute([{**request, protocol.K: np.array([[5]])}])[0]
+    assert isinstance(error, h.RequestError) and "seen nearly every item" in str(error)
 
 
 def test_faiss_retrieval_matches_brute_force_on_a_small_catalogue(tiny_checkpoint: Path, tmp_path: Path) -> None:
