@@ -121,6 +121,24 @@ def test_recommend_returns_ordered_items(
     assert [item.score for item in ranking.ordered()] == sorted(ranking.scores.tolist(), reverse=True)
 
 
+def test_a_user_who_has_seen_nearly_everything_gets_the_rest_beside_normal_users(
+    client: RecommendClient, catalog: Catalog
+) -> None:
+    """All but 3 items seen (fewer unseen than the retrieval depth): that user's recommend and retrieve are OK
+    with the 3 unseen items, and normal users sent in the same concurrent batch get their usual answers."""
+    heavy, unseen = catalog.item_ids[3:], set(catalog.item_ids[:3])
+    normal = catalog.history(6, start=40)
+    expected = client.recommend(normal, k=3)
+    answers = client.recommend_batch([normal, heavy, normal, heavy], k=3)
+    for answer in answers[1::2]:
+        assert set(answer.item_ids.tolist()) == unseen and np.all(np.isfinite(answer.scores))
+    for answer in answers[::2]:
+        _assert_same_top_k(answer, expected)
+    assert set(client.retrieve(heavy, k=3).item_ids.tolist()) == unseen
+    with pytest.raises(GenrecError, match="seen nearly every item"):
+        client.recommend(heavy, k=5)
+
+
 def test_default_timestamps_are_now_and_actions_unknown(client: RecommendClient, catalog: Catalog) -> None:
     """No timestamps: every event at int(time.time()), so the model sees no time gaps; actions 0."""
     history = catalog.history(7, start=11)
