@@ -48,11 +48,16 @@ class Handler(Protocol):
     def execute(self, requests: list[Request]) -> list[Result]: ...
 
 
-def _row(request: Request, name: str, dtype: type) -> np.ndarray:
-    """The request's tensor `name` as a 1-D array (its batch dimension must be 1)."""
+def _input(request: Request, name: str) -> np.ndarray:
+    """The request's tensor `name`; a RequestError naming it when the request has none."""
     if name not in request:
         raise RequestError(f"missing input '{name}'")
-    array = np.asarray(request[name])
+    return np.asarray(request[name])
+
+
+def _row(request: Request, name: str, dtype: type) -> np.ndarray:
+    """The request's tensor `name` as a 1-D array (its batch dimension must be 1)."""
+    array = _input(request, name)
     if array.ndim != 2 or array.shape[0] != 1:
         raise RequestError(f"'{name}' must have shape [1, n] (one user per request), got {list(array.shape)}")
     return array[0].astype(dtype, copy=False)
@@ -213,7 +218,7 @@ class CandidateScorer:
         if len(candidates) == 0:
             raise RequestError(f"'{protocol.CANDIDATE_ITEM_IDS}' is empty")
         dense = self.catalogue.known_candidates(candidates, f"'{protocol.CANDIDATE_ITEM_IDS}'")
-        keys, values = request[KV_KEYS], request[KV_VALUES]
+        keys, values = _input(request, KV_KEYS), _input(request, KV_VALUES)
         timestamps = _row(request, KV_TIMESTAMPS, np.int64)
         n = len(timestamps)
         if keys.shape != (1, layers, n, heads * d_qk) or values.shape != (1, layers, n, heads * d_v):

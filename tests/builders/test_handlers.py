@@ -82,6 +82,21 @@ def test_a_bad_request_fails_alone_in_its_batch(tiny_checkpoint: Path, catalogue
     assert results[2][h.KV_KEYS].shape[2] == 15
 
 
+def test_a_scorer_request_without_its_cache_fails_alone(tiny_checkpoint: Path, catalogue: h.Catalogue) -> None:
+    model, _ = load_checkpoint(tiny_checkpoint)
+    assert isinstance(model, HSTU)
+    c = model.config
+    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, c.max_len)
+    encoded = encoder.execute([history(catalogue.vocab.raw_ids[:4])])[0]
+    assert isinstance(encoded, dict)
+    scorer = h.CandidateScorer(TorchRuntime(tiny_checkpoint), catalogue, c.num_layers, c.num_heads, c.d_qk, c.d_v)
+    good = {**encoded, protocol.CANDIDATE_ITEM_IDS: catalogue.vocab.raw_ids[5:8][None]}
+    missing = {k: v for k, v in good.items() if k != h.KV_KEYS}
+    results = scorer.execute([good, missing])
+    assert isinstance(results[0], dict) and results[0][protocol.SCORES].shape == (1, 3)
+    assert isinstance(results[1], h.RequestError) and f"missing input '{h.KV_KEYS}'" in str(results[1])
+
+
 def test_top_n_orders_by_score_and_checks_k() -> None:
     top = h.TopN()
     ids = np.array([[10, 20, 30, 40]])
