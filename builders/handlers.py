@@ -70,6 +70,11 @@ def _scalar(request: Request, name: str) -> int:
     return int(values[0])
 
 
+def _require_finite(values: np.ndarray, name: str) -> None:
+    if not np.isfinite(values).all():
+        raise RequestError(f"'{name}' holds NaN or infinite values")
+
+
 def _examples(values: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     return shown + (", ..." if len(values) > limit else "")
@@ -221,10 +226,15 @@ class CandidateScorer:
         keys, values = _input(request, KV_KEYS), _input(request, KV_VALUES)
         timestamps = _row(request, KV_TIMESTAMPS, np.int64)
         n = len(timestamps)
+        if n == 0:
+            raise RequestError(f"'{KV_TIMESTAMPS}' is empty: the cache must hold at least one event")
         if keys.shape != (1, layers, n, heads * d_qk) or values.shape != (1, layers, n, heads * d_v):
             raise RequestError(f"K/V cache of shape {list(keys.shape)} / {list(values.shape)} does not match "
                                f"this model ({layers} layers, {n} events, {heads} heads)")
         user = _row(request, USER_EMBEDDING, np.float32)
+        _require_finite(keys, KV_KEYS)
+        _require_finite(values, KV_VALUES)
+        _require_finite(user, USER_EMBEDDING)
         k = keys[0].reshape(layers, n, heads, d_qk).transpose(1, 0, 2, 3)  # (L, layers, H, d_qk)
         v = values[0].reshape(layers, n, heads, d_v).transpose(1, 0, 2, 3)
         return k, v, timestamps, user, dense
@@ -256,6 +266,9 @@ class ItemRetrieval:
 
     def _parse(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         user = _row(request, USER_EMBEDDING, np.float32)
+        if user.shape != (self.table.shape[1],):
+            raise RequestError(f"'{USER_EMBEDDING}' must have {self.table.shape[1]} values, got {user.shape[0]}")
+        _require_finite(user, USER_EMBEDDING)
         exclude = bool(_scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
         seen = self.catalogue.vocab.to_dense(_row(request, protocol.HISTORY_ITEM_IDS, np.int64))[0]
         return user, seen if exclude else np.zeros(1, np.int64)
@@ -289,6 +302,9 @@ class TopN:
         k = _scalar(request, protocol.K)
         ids = _row(request, RETRIEVED_ITEM_IDS, np.int64)
         scores = _row(request, CANDIDATE_SCORES, np.float32)
+        if len(scores) != len(ids):
+            raise RequestError(f"'{CANDIDATE_SCORES}' has {len(scores)} values for {len(ids)} '{RETRIEVED_ITEM_IDS}'")
+        _require_finite(scores, CANDIDATE_SCORES)
         if k <= 0:
             raise RequestError(f"'{protocol.K}' must be a positive integer, got {k}")
         if k > len(ids):

@@ -92,9 +92,35 @@ def test_a_scorer_request_without_its_cache_fails_alone(tiny_checkpoint: Path, c
     scorer = h.CandidateScorer(TorchRuntime(tiny_checkpoint), catalogue, c.num_layers, c.num_heads, c.d_qk, c.d_v)
     good = {**encoded, protocol.CANDIDATE_ITEM_IDS: catalogue.vocab.raw_ids[5:8][None]}
     missing = {k: v for k, v in good.items() if k != h.KV_KEYS}
-    results = scorer.execute([good, missing])
+    empty = {**good, h.KV_KEYS: good[h.KV_KEYS][:, :, :0], h.KV_VALUES: good[h.KV_VALUES][:, :, :0],
+             h.KV_TIMESTAMPS: good[h.KV_TIMESTAMPS][:, :0]}
+    nan_user = {**good, h.USER_EMBEDDING: np.full_like(good[h.USER_EMBEDDING], np.nan)}
+    inf_keys = {**good, h.KV_KEYS: np.full_like(good[h.KV_KEYS], np.inf)}
+    results = scorer.execute([good, missing, empty, nan_user, inf_keys])
     assert isinstance(results[0], dict) and results[0][protocol.SCORES].shape == (1, 3)
-    assert isinstance(results[1], h.RequestError) and f"missing input '{h.KV_KEYS}'" in str(results[1])
+    messages = [f"missing input '{h.KV_KEYS}'", "at least one event", f"'{h.USER_EMBEDDING}' holds NaN",
+                f"'{h.KV_KEYS}' holds NaN or infinite"]
+    for result, message in zip(results[1:], messages, strict=True):
+        assert isinstance(result, h.RequestError) and message in str(result), (result, message)
+
+
+def test_retrieval_and_top_n_reject_what_would_have_failed_or_been_dropped(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10))
+    retrieval = h.load_handler("item_retrieval", tmp_path / "item_retrieval" / "1", {"retrieve_k": "10"})
+    assert isinstance(retrieval, h.ItemRetrieval)
+    d = retrieval.table.shape[1]
+    base = {protocol.HISTORY_ITEM_IDS: np.array([[1]]), protocol.EXCLUDE_SEEN: np.array([[True]])}
+    bad = [{**base, h.USER_EMBEDDING: np.full((1, d), np.nan, np.float32)},
+           {**base, h.USER_EMBEDDING: np.ones((1, d + 1), np.float32)}]
+    for result, message in zip(retrieval.execute(bad), ("holds NaN", f"must have {d} values"), strict=True):
+        assert isinstance(result, h.RequestError) and message in str(result)
+    top = h.TopN()
+    ids = np.arange(1, 11)[None]
+    for scores, message in ((np.zeros((1, 3), np.float32), "has 3 values for 10"),
+                            (np.zeros((1, 100_000), np.float32), "has 100000 values for 10"),
+                            (np.full((1, 10), np.nan, np.float32), "holds NaN")):
+        result = top.execute([{h.RETRIEVED_ITEM_IDS: ids, h.CANDIDATE_SCORES: scores, protocol.K: np.array([[2]])}])[0]
+        assert isinstance(result, h.RequestError) and message in str(result)
 
 
 def test_top_n_orders_by_score_and_checks_k() -> None:
