@@ -123,8 +123,10 @@ def evaluate_scorer_sampled(model: HSTU, data: Split, config: EvalConfig, batch_
                            targets, config, generator).isfinite()
         candidates = kept.float().topk(min(config.num_sampled_negatives + 1, kept.shape[1]), dim=1).indices
         real = kept.gather(1, candidates)  # a row with fewer eligible items than asked has some padding
-        cache, user = model.prefill(batch)
-        scores = model.score_candidates(cache, user, candidates)[..., 0].masked_fill(~real, float("-inf"))
-        target = torch.where(candidates == targets[:, None], scores, float("-inf")).max(dim=1).values
-        ranks.append((scores >= target[:, None]).sum(1) - 1)
+        scores = torch.empty(candidates.shape, device=device)
+        for rows in batch.length_groups():  # as `evaluate`: bounds the padding and the attention's memory
+            cache, user = model.prefill(batch.select(rows))
+            scores[rows] = model.score_candidates(cache, user, candidates[rows])[..., 0]
+        position = (candidates == targets[:, None]).float().argmax(dim=1)  # the target's column
+        ranks.append(target_ranks(scores.masked_fill(~real, float("-inf")), position))
     return metrics_from_ranks(torch.cat(ranks).cpu())
