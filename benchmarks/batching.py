@@ -34,6 +34,7 @@ from genrec.builders.handlers import (
     Request,
     UserEncoder,
 )
+from genrec.builders.limits import Limits
 from genrec.builders.runtimes import TorchRuntime
 from genrec.client import protocol
 from genrec.training.checkpoint import load_meta
@@ -56,10 +57,10 @@ def _requests(checkpoint: Path, histories: Sequence[History], cfg: BatchingConfi
     config = meta.model_config
     runtime = TorchRuntime(checkpoint)
     catalogue = Catalogue.from_meta(meta)
-    encoder = UserEncoder(runtime, catalogue, int(config["max_len"]))
-    scorer = CandidateScorer(
-        runtime, catalogue, config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"]
-    )
+    limits = Limits()
+    encoder = UserEncoder(runtime, catalogue, int(config["max_len"]), limits)
+    shape = (config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"])
+    scorer = CandidateScorer(runtime, catalogue, shape, limits)
     encode = [
         {
             protocol.HISTORY_ITEM_IDS: h.items[None],

@@ -14,7 +14,9 @@ is the same for every runtime: only the artifacts and the ``runtime`` parameter 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import py_compile
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from genrec.builders import handlers as h
+from genrec.builders.limits import Limits
 from genrec.builders.model_config import (
     DynamicBatching,
     EnsembleSpec,
@@ -55,6 +58,15 @@ class BuildConfig:
     max_queue_delay_us: int = 2000  # how long a request may wait for others to share its batch
     device: str = "cpu"  # cpu or cuda for the torch / onnx runtimes
     faiss: Literal["none", "ivf", "hnsw"] = "none"
+    max_history_events: int = Limits.max_history_events  # per request, before truncation to max_len
+    max_candidates: int = Limits.max_candidates  # per rank request
+
+    def __post_init__(self) -> None:
+        self.limits  # noqa: B018  (building the limits checks them: a bad value fails before any work)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_history_events, self.max_candidates, max_k=self.retrieve_k)
 
 
 def _ragged(name: str, dtype: str, dims: tuple[int, ...]) -> TensorSpec:
@@ -85,12 +97,13 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
     instance_kind = "KIND_GPU" if build.device.startswith("cuda") else "KIND_CPU"
     groups = (InstanceGroup(build.instances, instance_kind),)
     runtime = build.runtime
+    limits = build.limits.as_parameters()
 
     def python_model(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], **params: str) -> ModelSpec:
         return ModelSpec(
             name=name, inputs=inputs, outputs=outputs, max_batch_size=build.max_batch_size,
             dynamic_batching=batching, instance_groups=groups,
-            parameters={"handler": name, "runtime": runtime, "device": build.device, **params},
+            parameters={"handler": name, "runtime": runtime, "device": build.device, **limits, **params},
         )
 
     cache = _cache_tensors(config)
@@ -98,17 +111,21 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
     report = protocol.HISTORY_REPORT
     retrieved = (_ragged(h.RETRIEVED_ITEM_IDS, "INT64", (-1,)), _ragged(h.RETRIEVED_SCORES, "FP32", (-1,)))
     k, exclude = (_scalar_input(t) for t in protocol.TOP_K_INPUTS)
-    encoder = python_model("user_encoder", _history_inputs(),
+    candidate_ids = _ragged(protocol.CANDIDATE_ITEM_IDS, "INT64", (-1,))
+    # k and the candidates are optional encoder inputs only so that a request over a limit costs no prefill.
+    limit_inputs = (TensorSpec(k.name, k.dtype, k.dims, optional=True),
+                    TensorSpec(candidate_ids.name, candidate_ids.dtype, candidate_ids.dims,
+                               allow_ragged_batch=True, optional=True))
+    encoder = python_model("user_encoder", _history_inputs() + limit_inputs,
                            outputs_as_inputs + tuple(tensor_from_protocol(t) for t in report))
     retrieval = python_model(
         "item_retrieval",
         (cache[0], _ragged(protocol.HISTORY_ITEM_IDS, "INT64", (-1,)), exclude),
         tuple(TensorSpec(t.name, t.dtype, t.dims) for t in retrieved),
-        retrieve_k=str(build.retrieve_k),
     )
     scorer = python_model(
         "candidate_scorer",
-        (*cache, _ragged(protocol.CANDIDATE_ITEM_IDS, "INT64", (-1,))),
+        (*cache, candidate_ids),
         (TensorSpec(protocol.SCORES, "FP32", (-1,)),),
     )
     top_n = python_model(
@@ -120,8 +137,11 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
     cache_map = {t.name: t.name for t in cache}
     report_map = {t.name: t.name for t in report}
     # An ensemble must consume every tensor its steps map, so each one maps only what it uses.
-    encode_step = EnsembleStep("user_encoder", history, {**cache_map, **report_map})
-    encode_user_only = EnsembleStep("user_encoder", history, {h.USER_EMBEDDING: h.USER_EMBEDDING, **report_map})
+    with_k = {**history, protocol.K: protocol.K}
+    encode_step = EnsembleStep("user_encoder", with_k, {**cache_map, **report_map})
+    encode_user_only = EnsembleStep("user_encoder", with_k, {h.USER_EMBEDDING: h.USER_EMBEDDING, **report_map})
+    encode_for_rank = EnsembleStep("user_encoder", {**history, protocol.CANDIDATE_ITEM_IDS: protocol.CANDIDATE_ITEM_IDS},
+                                   {**cache_map, **report_map})
 
     def ensemble(name: str, steps: tuple[EnsembleStep, ...]) -> EnsembleSpec:
         endpoint = protocol.ENDPOINTS[name]
@@ -157,7 +177,7 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
                      {protocol.ITEM_IDS: protocol.ITEM_IDS, protocol.SCORES: protocol.SCORES}),
     ))
     rank = ensemble(protocol.RANK, (
-        encode_step,
+        encode_for_rank,
         EnsembleStep("candidate_scorer", {**cache_map, protocol.CANDIDATE_ITEM_IDS: protocol.CANDIDATE_ITEM_IDS},
                      {protocol.SCORES: protocol.SCORES}),
     ))
@@ -168,6 +188,16 @@ def next_version(repository: Path) -> int:
     """One more than the newest version of any model already in the repository."""
     versions = [int(p.name) for p in repository.glob("*/*") if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
+
+
+def _install_model_py(version_dir: Path) -> None:
+    """The served ``model.py``, with its bytecode compiled now: the Python stub's interpreter ignores
+    PYTHONDONTWRITEBYTECODE, and a ``__pycache__`` it wrote at load would look to ``--model-control poll``
+    like a new version of the model (loaded twice). A stub of another Python version than this one still
+    writes its own; the server image compiles the repository for its Python (docker/Dockerfile)."""
+    target = version_dir / "model.py"
+    shutil.copy2(Path(__file__).with_name("triton_model.py"), target)
+    py_compile.compile(str(target), cfile=importlib.util.cache_from_source(str(target)), doraise=True)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -198,7 +228,7 @@ def build_repository(build: BuildConfig) -> int:
         version_dir = staging / spec.name / str(version)
         version_dir.mkdir(parents=True)
         if spec.name in COMPOSING:
-            shutil.copy2(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
+            _install_model_py(version_dir)
             for source in artifacts.rglob("*"):
                 if source.is_file():
                     _link_or_copy(source, version_dir / source.relative_to(artifacts))

@@ -20,8 +20,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from genrec.builders.limits import Limits, RequestError
 from genrec.builders.runtimes import Runtime, TorchRuntime
-from genrec.client import protocol
+from genrec.client import protocol, validate
 from genrec.training.batch import length_groups
 from genrec.training.checkpoint import CheckpointMeta, load_meta
 from genrec.training.retrieval import faiss_top_k, load_index, top_k
@@ -38,10 +39,6 @@ RETRIEVED_SCORES = "retrieved_scores"  # FP32 [R]
 
 Request = dict[str, np.ndarray]
 Result = dict[str, np.ndarray] | Exception
-
-
-class RequestError(ValueError):
-    """A bad request: reported to its caller, never fatal to the batch or the server."""
 
 
 class Handler(Protocol):
@@ -115,7 +112,10 @@ class History:
     num_truncated: int
 
 
-def parse_history(request: Request, catalogue: Catalogue, max_len: int) -> History:
+DEFAULT_LIMITS = Limits()
+
+
+def parse_history(request: Request, catalogue: Catalogue, max_len: int, limits: Limits = DEFAULT_LIMITS) -> History:
     """Validate one user's history (contract 5). Unknown ids are dropped and counted; a history longer
     than the model's maximum keeps its most recent `max_len` events and counts the rest."""
     items = _row(request, protocol.HISTORY_ITEM_IDS, np.int64)
@@ -123,18 +123,13 @@ def parse_history(request: Request, catalogue: Catalogue, max_len: int) -> Histo
     ratings = _row(request, protocol.HISTORY_ACTIONS, np.int64)
     if len(items) == 0:
         raise RequestError(f"'{protocol.HISTORY_ITEM_IDS}' is empty: a user needs at least one event")
+    limits.check_history(len(items))
     for name, values in ((protocol.HISTORY_TIMESTAMPS, timestamps), (protocol.HISTORY_ACTIONS, ratings)):
         if len(values) != len(items):
             raise RequestError(f"'{name}' has {len(values)} values but '{protocol.HISTORY_ITEM_IDS}' has {len(items)}")
-    back = np.flatnonzero(np.diff(timestamps) < 0)
-    if len(back):
-        i = int(back[0]) + 1
-        raise RequestError(
-            f"'{protocol.HISTORY_TIMESTAMPS}' must be non-decreasing (oldest event first): "
-            f"index {i} ({timestamps[i]}) is earlier than index {i - 1} ({timestamps[i - 1]})"
-        )
-    if (ratings < 0).any():
-        raise RequestError(f"'{protocol.HISTORY_ACTIONS}' must be >= 0 (0 = unknown), got {_examples(ratings[ratings < 0])}")
+    problem = validate.history_problem(timestamps, ratings, (protocol.HISTORY_TIMESTAMPS, protocol.HISTORY_ACTIONS))
+    if problem is not None:
+        raise RequestError(problem)
     dense, known = catalogue.vocab.to_dense(items)
     if not known.any():
         raise RequestError(f"none of the {len(items)} history item ids is known to the model: {_examples(items)}")
@@ -183,11 +178,21 @@ def _run_valid(requests: list[Request], parse, compute) -> list[Result]:  # type
 
 
 class UserEncoder:
-    def __init__(self, runtime: Runtime, catalogue: Catalogue, max_len: int) -> None:
-        self.runtime, self.catalogue, self.max_len = runtime, catalogue, max_len
+    """The first step of every ensemble, so it also checks the limits of the steps after it: `k` and the
+    number of candidates arrive here as optional inputs, and a request over a limit costs no prefill."""
+
+    def __init__(self, runtime: Runtime, catalogue: Catalogue, max_len: int, limits: Limits) -> None:
+        self.runtime, self.catalogue, self.max_len, self.limits = runtime, catalogue, max_len, limits
+
+    def _parse(self, request: Request) -> History:
+        if protocol.K in request:
+            self.limits.check_k(_scalar(request, protocol.K))
+        if protocol.CANDIDATE_ITEM_IDS in request:
+            self.limits.check_candidates(len(_row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)))
+        return parse_history(request, self.catalogue, self.max_len, self.limits)
 
     def execute(self, requests: list[Request]) -> list[Result]:
-        return _run_valid(requests, lambda r: parse_history(r, self.catalogue, self.max_len), self._encode)
+        return _run_valid(requests, self._parse, self._encode)
 
     def _encode(self, histories: list[History]) -> list[dict[str, np.ndarray]]:
         return _in_length_groups(histories, np.array([len(h.items) for h in histories]), self._encode_group)
@@ -213,21 +218,25 @@ class UserEncoder:
 
 
 class CandidateScorer:
-    def __init__(self, runtime: Runtime, catalogue: Catalogue, layers: int, heads: int, d_qk: int, d_v: int) -> None:
-        self.runtime, self.catalogue = runtime, catalogue
-        self.shape = (layers, heads, d_qk, d_v)
+    def __init__(self, runtime: Runtime, catalogue: Catalogue, shape: tuple[int, int, int, int], limits: Limits) -> None:
+        """shape: (layers, heads, d_qk, d_v) of the model's K/V."""
+        self.runtime, self.catalogue, self.shape, self.limits = runtime, catalogue, shape, limits
 
     def _parse(self, request: Request) -> tuple[np.ndarray, ...]:
         layers, heads, d_qk, d_v = self.shape
         candidates = _row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
         if len(candidates) == 0:
             raise RequestError(f"'{protocol.CANDIDATE_ITEM_IDS}' is empty")
+        self.limits.check_candidates(len(candidates))
         dense = self.catalogue.known_candidates(candidates, f"'{protocol.CANDIDATE_ITEM_IDS}'")
         keys, values = _input(request, KV_KEYS), _input(request, KV_VALUES)
         timestamps = _row(request, KV_TIMESTAMPS, np.int64)
         n = len(timestamps)
         if n == 0:
             raise RequestError(f"'{KV_TIMESTAMPS}' is empty: the cache must hold at least one event")
+        problem = validate.history_problem(timestamps, np.zeros(n, np.int64), (KV_TIMESTAMPS, KV_TIMESTAMPS))
+        if problem is not None:
+            raise RequestError(problem)
         if keys.shape != (1, layers, n, heads * d_qk) or values.shape != (1, layers, n, heads * d_v):
             raise RequestError(f"K/V cache of shape {list(keys.shape)} / {list(values.shape)} does not match "
                                f"this model ({layers} layers, {n} events, {heads} heads)")
@@ -260,9 +269,9 @@ class CandidateScorer:
 class ItemRetrieval:
     """Exact inner-product top-k over the item table, or a FAISS index's approximate one when built with it."""
 
-    def __init__(self, table: np.ndarray, catalogue: Catalogue, depth: int, index: object | None = None) -> None:
+    def __init__(self, table: np.ndarray, catalogue: Catalogue, limits: Limits, index: object | None = None) -> None:
         self.table = torch.from_numpy(table)
-        self.catalogue, self.depth, self.index = catalogue, depth, index
+        self.catalogue, self.depth, self.limits, self.index = catalogue, limits.max_k, limits, index
 
     def _parse(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         user = _row(request, USER_EMBEDDING, np.float32)
@@ -270,7 +279,9 @@ class ItemRetrieval:
             raise RequestError(f"'{USER_EMBEDDING}' must have {self.table.shape[1]} values, got {user.shape[0]}")
         _require_finite(user, USER_EMBEDDING)
         exclude = bool(_scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
-        seen = self.catalogue.vocab.to_dense(_row(request, protocol.HISTORY_ITEM_IDS, np.int64))[0]
+        history = _row(request, protocol.HISTORY_ITEM_IDS, np.int64)
+        self.limits.check_history(len(history))
+        seen = self.catalogue.vocab.to_dense(history)[0]
         return user, seen if exclude else np.zeros(1, np.int64)
 
     def execute(self, requests: list[Request]) -> list[Result]:
@@ -298,15 +309,19 @@ class ItemRetrieval:
 class TopN:
     """The k best candidates by score; ties keep the candidates' order (retrieval's)."""
 
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
     def _parse(self, request: Request) -> tuple[np.ndarray, np.ndarray, int]:
         k = _scalar(request, protocol.K)
+        self.limits.check_k(k)
         ids = _row(request, RETRIEVED_ITEM_IDS, np.int64)
+        if len(ids) > max(self.limits.max_k, self.limits.max_candidates):
+            raise RequestError(f"'{RETRIEVED_ITEM_IDS}' has {len(ids)} ids, more than retrieval or rank ever passes")
         scores = _row(request, CANDIDATE_SCORES, np.float32)
         if len(scores) != len(ids):
             raise RequestError(f"'{CANDIDATE_SCORES}' has {len(scores)} values for {len(ids)} '{RETRIEVED_ITEM_IDS}'")
         _require_finite(scores, CANDIDATE_SCORES)
-        if k <= 0:
-            raise RequestError(f"'{protocol.K}' must be a positive integer, got {k}")
         if k > len(ids):
             raise RequestError(f"'{protocol.K}'={k} exceeds the {len(ids)} candidates retrieved for this user (at "
                                "most the repository's --retrieve-k; fewer when the user has seen nearly every item)")
@@ -326,18 +341,20 @@ def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Ha
     meta = load_meta(version_dir / "checkpoint")
     catalogue = Catalogue.from_meta(meta)
     config = meta.model_config
+    limits = Limits.from_parameters(parameters)
     if kind == "top_n":
-        return TopN()
+        return TopN(limits)
     if kind == "item_retrieval":
         table = np.load(version_dir / "item_table.npy")
         index_path = version_dir / "item_index.faiss"
         index = load_index(index_path) if index_path.exists() else None
-        return ItemRetrieval(table, catalogue, int(parameters["retrieve_k"]), index)
+        return ItemRetrieval(table, catalogue, limits, index)
     runtime = _runtime(version_dir, parameters)
     if kind == "user_encoder":
-        return UserEncoder(runtime, catalogue, int(config["max_len"]))
+        return UserEncoder(runtime, catalogue, int(config["max_len"]), limits)
     if kind == "candidate_scorer":
-        return CandidateScorer(runtime, catalogue, config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"])
+        shape = (config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"])
+        return CandidateScorer(runtime, catalogue, shape, limits)
     raise ValueError(f"unknown handler {kind!r}")
 
 

@@ -9,11 +9,13 @@ finds the virtualenv's packages only when the virtualenv's ``bin/`` is first on 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +34,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 LOG_TAIL_LINES = 40
+# Behind the admin key: what lets a caller read server memory (shared-memory registration), load code or
+# unload models (model-repository), or change logging and tracing. Inference, health, metadata, model
+# config and statistics stay open.
+ADMIN_PROTOCOLS = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_HEADER = "genrec-admin-key"  # HTTP header; gRPC metadata key: GRPC_ADMIN_HEADER
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes restricted gRPC keys so
 
 
 class ServerError(RuntimeError):
@@ -147,6 +155,14 @@ class ServerConfig:
     # poll: reload models whose files change.
     model_control: Literal["none", "explicit", "poll"] = "none"
     log_file: Path | None = None  # the server's stdout and stderr; None = a new temporary file
+    # The value of the ADMIN_HEADER that unlocks ADMIN_PROTOCOLS; None = a new random key for each start.
+    admin_key: str | None = None
+    tls_cert: Path | None = None  # PEM certificate and key: gRPC over TLS (HTTP stays plaintext: bind it locally)
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its private key")
 
     @property
     def client_host(self) -> str:
@@ -166,6 +182,52 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+SHM_REGION_PREFIX = "triton_python_backend_shm_region"  # a stub argument; the file is /dev/shm/<name>
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def reap_group(pgid: int, timeout_s: float = 10.0) -> list[str]:
+    """Kill what is left of a dead server's process group and unlink its Python-backend shared memory.
+
+    A tritonserver killed with SIGKILL leaves its Python stubs running (parent PID 1) with their /dev/shm
+    regions; the stubs stay in the server's process group, and each one's command line names its region.
+    Returns the regions removed.
+    """
+    members = _group_members(pgid)
+    regions: set[str] = set()
+    for pid in members:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        regions.update(a.decode() for a in args if a.startswith(SHM_REGION_PREFIX.encode()))
+    if members:
+        with contextlib.suppress(ProcessLookupError):  # the last one exited meanwhile
+            os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    removed = []
+    for region in sorted(regions):
+        path = Path("/dev/shm") / region
+        if path.exists():
+            path.unlink(missing_ok=True)
+            removed.append(region)
+    return removed
+
+
 class TritonServer:
     """One tritonserver process; as a context manager it is started, ready, and stopped on exit."""
 
@@ -179,6 +241,18 @@ class TritonServer:
         else:
             self.log_path = config.log_file
         self._process: subprocess.Popen[bytes] | None = None
+        self.admin_key = config.admin_key or secrets.token_urlsafe(24)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """What a gRPC caller sends to use the admin protocols (model load/unload, logging, shared memory)."""
+        return {GRPC_ADMIN_HEADER: self.admin_key}
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        """A gRPC client of this server, over TLS when it serves TLS (trusting its certificate)."""
+        if self.config.tls_cert is None:
+            return grpcclient.InferenceServerClient(self.url)
+        return grpcclient.InferenceServerClient(self.url, ssl=True, root_certificates=str(self.config.tls_cert))
 
     @property
     def url(self) -> str:
@@ -205,6 +279,11 @@ class TritonServer:
             f"--log-verbose={c.log_verbose}",
             f"--model-control-mode={c.model_control}",
         ]
+        restricted = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_HEADER}={self.admin_key}"
+        args += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+        if c.tls_cert is not None and c.tls_key is not None:
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={c.tls_cert.resolve()}",
+                     f"--grpc-server-key={c.tls_key.resolve()}"]
         if c.model_control == "explicit":
             args.append("--load-model=*")
         if self.install.backend_directory is not None:
@@ -251,7 +330,7 @@ class TritonServer:
         if self._process is None:
             raise ServerError("start() the server before waiting for it")
         deadline = time.monotonic() + timeout_s
-        with grpcclient.InferenceServerClient(self.url) as client:
+        with self.client() as client:
             while True:
                 returncode = self._process.poll()
                 if returncode is not None:
@@ -264,7 +343,8 @@ class TritonServer:
                 if time.monotonic() > deadline:
                     raise self._error(f"tritonserver was not ready after {timeout_s:.0f} s")
                 time.sleep(0.1)
-            names = sorted({m.name for m in client.get_model_repository_index().models})
+            index = client.get_model_repository_index(headers=self.admin_headers)
+            names = sorted({m.name for m in index.models})
             not_ready = [name for name in names if not client.is_model_ready(name)]
         if not_ready:
             raise self._error(f"models not ready: {', '.join(not_ready)}")
@@ -274,13 +354,16 @@ class TritonServer:
             self._process.send_signal(signum)
 
     def wait(self) -> int:
-        """Block until the process exits; return its exit code."""
+        """Block until the process exits; return its exit code. Its stubs and their memory go with it."""
         if self._process is None:
             raise ServerError("the server was never started")
-        return self._process.wait()
+        returncode = self._process.wait()
+        reap_group(self._process.pid)
+        return returncode
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL to the whole group after ``timeout_s``; always reaps. Exit code or None."""
+        """SIGTERM, then SIGKILL to the whole group after ``timeout_s``; always reaps the server, its
+        stubs and their shared memory, however it ended. Exit code or None."""
         if self._process is None:
             return None
         if self._process.poll() is None:
@@ -288,9 +371,9 @@ class TritonServer:
             try:
                 self._process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                # The group also holds the Python backend stubs, which would outlive a killed server.
                 os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
+        reap_group(self._process.pid)
         return self._process.returncode
 
     def __enter__(self) -> TritonServer:

@@ -127,6 +127,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _add_build(sub: argparse._SubParsersAction) -> Handler:
+    from genrec.builders.limits import Limits
+
     p = sub.add_parser("build", help="turn a checkpoint into a Triton model repository",
                        description="Write user_encoder, item_retrieval, candidate_scorer and the recommend / rank / "
                        "retrieve ensembles. A new build of the same model adds a version.")
@@ -140,6 +142,13 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--no-dynamic-batching", action="store_true")
     p.add_argument("--faiss", choices=["none", "ivf", "hnsw"], default="none",
                    help="approximate retrieval index for large catalogues (default: exact brute force)")
+    limits = p.add_argument_group("request limits (over a limit: INVALID_ARGUMENT before any compute)")
+    limits.add_argument("--max-history-events", type=int, default=Limits.max_history_events,
+                        help="events accepted per request, before truncation to the model's max_len "
+                        "(default: %(default)s)")
+    limits.add_argument("--max-candidates", type=int, default=Limits.max_candidates,
+                        help="candidates per rank request; bounds how long one request holds the scorer "
+                        "(default: %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
         from genrec.builders.build import BuildConfig, build_repository
@@ -148,6 +157,7 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
             checkpoint=args.checkpoint, repository=args.repository, runtime=args.runtime,
             retrieve_k=args.retrieve_k, max_batch_size=args.max_batch_size, instances=args.instances,
             dynamic_batching=not args.no_dynamic_batching, faiss=args.faiss, device=args.device,
+            max_history_events=args.max_history_events, max_candidates=args.max_candidates,
         )
         version = build_repository(config)
         print(f"built {args.repository} (version {version}, runtime {args.runtime})")

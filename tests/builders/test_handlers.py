@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,12 @@ def test_long_history_keeps_the_most_recent_events(catalogue: h.Catalogue) -> No
     [
         (history([]), "empty"),
         ({**history([1, 2]), protocol.HISTORY_TIMESTAMPS: np.array([[1]])}, "has 1 values"),
-        (history([1, 2, 3], timestamps=[5, 9, 2]), "index 2"),
-        (history([1, 2], actions=[1, -2]), ">= 0"),
+        (history([1, 2, 3], timestamps=[5, 9, 2]), r"history_timestamps\[2\]=2 < history_timestamps\[1\]=9"),
+        (history([1, 2], actions=[1, -2]), r"history_actions\[1\]=-2 is negative"),
+        (history([1, 2], timestamps=[-1, 5]), r"history_timestamps\[0\]=-1 is not unix seconds"),
+        (history([1, 2], timestamps=[1, 1_700_000_000_000]), "milliseconds"),  # a unit mistake
+        (history([1], timestamps=[np.iinfo(np.int64).max]), "is not unix seconds in"),
+        (history([1], timestamps=[np.iinfo(np.int64).min]), "is not unix seconds in"),
         (history([10**9]), "none of the 1 history item ids"),
         ({k: np.repeat(v, 2, axis=0) for k, v in history([1, 2]).items()}, "one user per request"),
     ],
@@ -58,6 +63,38 @@ def test_long_history_keeps_the_most_recent_events(catalogue: h.Catalogue) -> No
 def test_bad_histories_name_the_problem(catalogue: h.Catalogue, request_: h.Request, message: str) -> None:
     with pytest.raises(h.RequestError, match=message):
         h.parse_history(request_, catalogue, max_len=50)
+
+
+def test_history_over_the_event_limit_is_refused_before_the_ids_are_read(catalogue: h.Catalogue) -> None:
+    raw = catalogue.vocab.raw_ids
+    limits = h.Limits(max_history_events=5)
+    assert len(h.parse_history(history(raw[:5]), catalogue, max_len=50, limits=limits).items) == 5
+    with pytest.raises(h.RequestError, match="has 6 events, more than this server's limit of 5"):
+        h.parse_history(history(raw[:6]), catalogue, max_len=50, limits=limits)
+
+
+def test_the_encoder_checks_k_and_the_candidate_count_for_the_steps_after_it(
+    tiny_checkpoint: Path, catalogue: h.Catalogue
+) -> None:
+    """Over a limit fails at the first step, so the prefill is never paid for it; within the limits the
+    optional inputs change nothing."""
+    model, _ = load_checkpoint(tiny_checkpoint)
+    limits = h.Limits(max_candidates=3, max_k=4)
+    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, model.config.max_len, limits)
+    good = history(catalogue.vocab.raw_ids[:3])
+    out = encoder.execute([
+        good,
+        {**good, protocol.K: np.array([[4]], np.int32)},
+        {**good, protocol.K: np.array([[5]], np.int32)},
+        {**good, protocol.K: np.array([[0]], np.int32)},
+        {**good, protocol.CANDIDATE_ITEM_IDS: np.arange(1, 4)[None]},
+        {**good, protocol.CANDIDATE_ITEM_IDS: np.arange(1, 5)[None]},
+    ])
+    assert isinstance(out[0], dict) and isinstance(out[1], dict) and isinstance(out[4], dict)
+    np.testing.assert_array_equal(out[0][h.KV_KEYS], out[1][h.KV_KEYS])
+    for i, message in ((2, r"'k' must be in 1\.\.4"), (3, r"'k' must be in 1\.\.4"),
+                       (5, "has 4 candidates, more than this server's limit of 3")):
+        assert isinstance(out[i], h.RequestError) and re.search(message, str(out[i])), out[i]
 
 
 def test_ratings_map_to_the_training_action_ids(catalogue: h.Catalogue) -> None:
@@ -69,7 +106,7 @@ def test_ratings_map_to_the_training_action_ids(catalogue: h.Catalogue) -> None:
 def test_a_bad_request_fails_alone_in_its_batch(tiny_checkpoint: Path, catalogue: h.Catalogue) -> None:
     model, _ = load_checkpoint(tiny_checkpoint)
     assert isinstance(model, HSTU)
-    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, model.config.max_len)
+    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, model.config.max_len, h.Limits())
     raw = catalogue.vocab.raw_ids
     good_short, good_long = history(raw[:3]), history(raw[5:20])
     results = encoder.execute([good_short, history([]), good_long])
@@ -86,27 +123,30 @@ def test_a_scorer_request_without_its_cache_fails_alone(tiny_checkpoint: Path, c
     model, _ = load_checkpoint(tiny_checkpoint)
     assert isinstance(model, HSTU)
     c = model.config
-    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, c.max_len)
+    encoder = h.UserEncoder(TorchRuntime(tiny_checkpoint), catalogue, c.max_len, h.Limits())
     encoded = encoder.execute([history(catalogue.vocab.raw_ids[:4])])[0]
     assert isinstance(encoded, dict)
-    scorer = h.CandidateScorer(TorchRuntime(tiny_checkpoint), catalogue, c.num_layers, c.num_heads, c.d_qk, c.d_v)
+    scorer = h.CandidateScorer(TorchRuntime(tiny_checkpoint), catalogue, (c.num_layers, c.num_heads, c.d_qk, c.d_v), h.Limits())
     good = {**encoded, protocol.CANDIDATE_ITEM_IDS: catalogue.vocab.raw_ids[5:8][None]}
     missing = {k: v for k, v in good.items() if k != h.KV_KEYS}
     empty = {**good, h.KV_KEYS: good[h.KV_KEYS][:, :, :0], h.KV_VALUES: good[h.KV_VALUES][:, :, :0],
              h.KV_TIMESTAMPS: good[h.KV_TIMESTAMPS][:, :0]}
     nan_user = {**good, h.USER_EMBEDDING: np.full_like(good[h.USER_EMBEDDING], np.nan)}
     inf_keys = {**good, h.KV_KEYS: np.full_like(good[h.KV_KEYS], np.inf)}
-    results = scorer.execute([good, missing, empty, nan_user, inf_keys])
+    too_many = {**good, protocol.CANDIDATE_ITEM_IDS: np.resize(catalogue.vocab.raw_ids, h.Limits.max_candidates + 1)[None]}
+    ms_times = {**good, h.KV_TIMESTAMPS: good[h.KV_TIMESTAMPS] * 1000 + 1_700_000_000_000}
+    results = scorer.execute([good, missing, empty, nan_user, inf_keys, too_many, ms_times])
     assert isinstance(results[0], dict) and results[0][protocol.SCORES].shape == (1, 3)
     messages = [f"missing input '{h.KV_KEYS}'", "at least one event", f"'{h.USER_EMBEDDING}' holds NaN",
-                f"'{h.KV_KEYS}' holds NaN or infinite"]
+                f"'{h.KV_KEYS}' holds NaN or infinite", "more than this server's limit",
+                f"{h.KV_TIMESTAMPS}[0]=1700000000000 is not unix seconds"]
     for result, message in zip(results[1:], messages, strict=True):
         assert isinstance(result, h.RequestError) and message in str(result), (result, message)
 
 
 def test_retrieval_and_top_n_reject_what_would_have_failed_or_been_dropped(tiny_checkpoint: Path, tmp_path: Path) -> None:
     build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10))
-    retrieval = h.load_handler("item_retrieval", tmp_path / "item_retrieval" / "1", {"retrieve_k": "10"})
+    retrieval = h.load_handler("item_retrieval", tmp_path / "item_retrieval" / "1", {"max_k": "10"})
     assert isinstance(retrieval, h.ItemRetrieval)
     d = retrieval.table.shape[1]
     base = {protocol.HISTORY_ITEM_IDS: np.array([[1]]), protocol.EXCLUDE_SEEN: np.array([[True]])}
@@ -114,7 +154,7 @@ def test_retrieval_and_top_n_reject_what_would_have_failed_or_been_dropped(tiny_
            {**base, h.USER_EMBEDDING: np.ones((1, d + 1), np.float32)}]
     for result, message in zip(retrieval.execute(bad), ("holds NaN", f"must have {d} values"), strict=True):
         assert isinstance(result, h.RequestError) and message in str(result)
-    top = h.TopN()
+    top = h.TopN(h.Limits())
     ids = np.arange(1, 11)[None]
     for scores, message in ((np.zeros((1, 3), np.float32), "has 3 values for 10"),
                             (np.zeros((1, 100_000), np.float32), "has 100000 values for 10"),
@@ -124,14 +164,15 @@ def test_retrieval_and_top_n_reject_what_would_have_failed_or_been_dropped(tiny_
 
 
 def test_top_n_orders_by_score_and_checks_k() -> None:
-    top = h.TopN()
+    top = h.TopN(h.Limits())
     ids = np.array([[10, 20, 30, 40]])
     scores = np.array([[0.5, 2.0, 0.5, 1.0]], np.float32)
     request = {h.RETRIEVED_ITEM_IDS: ids, h.CANDIDATE_SCORES: scores, protocol.K: np.array([[3]])}
     result = top.execute([request])[0]
     assert isinstance(result, dict)
     assert result[protocol.ITEM_IDS].tolist() == [[20, 40, 10]]  # the tie 10/30 keeps retrieval order
-    for k, message in ((0, "positive"), (-2, "positive"), (5, "exceeds the 4 candidates retrieved")):
+    for k, message in ((0, "must be in 1..100"), (-2, "must be in 1..100"), (101, "must be in 1..100"),
+                       (5, "exceeds the 4 candidates retrieved")):
         error = top.execute([{**request, protocol.K: np.array([[k]])}])[0]
         assert isinstance(error, h.RequestError) and message in str(error)
 
@@ -157,7 +198,7 @@ def test_a_user_who_has_seen_nearly_everything_is_retrieved_alongside_others(
     """All but 3 items seen, with a retrieval depth of 10: that user gets the 3 it has not seen, and a normal
     user in the same batch gets exactly what it gets alone (once the whole batch failed with INTERNAL)."""
     build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10))
-    retrieval = h.load_handler("item_retrieval", tmp_path / "item_retrieval" / "1", {"retrieve_k": "10"})
+    retrieval = h.load_handler("item_retrieval", tmp_path / "item_retrieval" / "1", {"max_k": "10"})
     raw = h.Catalogue.from_meta(load_meta(tiny_checkpoint)).vocab.raw_ids
     user = np.ones((1, retrieval.table.shape[1]), np.float32) / np.sqrt(retrieval.table.shape[1])
     seen = {protocol.EXCLUDE_SEEN: np.array([[True]]), h.USER_EMBEDDING: user}
@@ -170,7 +211,7 @@ def test_a_user_who_has_seen_nearly_everything_is_retrieved_alongside_others(
     assert both[1][h.RETRIEVED_ITEM_IDS].tolist() == alone[h.RETRIEVED_ITEM_IDS].tolist()
     assert both[1][h.RETRIEVED_ITEM_IDS].shape == (1, 10)
     # and top_n then serves the heavy user's 3, or says why k=5 cannot be met
-    top = h.TopN()
+    top = h.TopN(h.Limits())
     request = {h.RETRIEVED_ITEM_IDS: both[0][h.RETRIEVED_ITEM_IDS], h.CANDIDATE_SCORES: both[0][h.RETRIEVED_SCORES]}
     assert isinstance(top.execute([{**request, protocol.K: np.array([[3]])}])[0], dict)
     error = top.execute([{**request, protocol.K: np.array([[5]])}])[0]
@@ -181,7 +222,7 @@ def test_faiss_retrieval_matches_brute_force_on_a_small_catalogue(tiny_checkpoin
     exact_repo, faiss_repo = tmp_path / "exact", tmp_path / "faiss"
     build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=exact_repo, retrieve_k=10))
     build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=faiss_repo, retrieve_k=10, faiss="hnsw"))
-    params = {"retrieve_k": "10"}
+    params = {"max_k": "10"}
     exact = h.load_handler("item_retrieval", exact_repo / "item_retrieval" / "1", params)
     approx = h.load_handler("item_retrieval", faiss_repo / "item_retrieval" / "1", params)
     assert isinstance(approx, h.ItemRetrieval) and approx.index is not None

@@ -22,6 +22,7 @@ from genrec.builders.model_config import (
     write_config,
 )
 from genrec.builders.tritonserver import (
+    SHM_REGION_PREFIX,
     ServerConfig,
     ServerError,
     TritonServer,
@@ -116,6 +117,14 @@ def _is_running(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+def _is_alive(pid: int) -> bool:
+    """Running and not a zombie (an orphan's zombie waits for PID 1 to reap it, which holds nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     tmp = tmp_path_factory.mktemp("triton")
@@ -182,6 +191,58 @@ def test_serve_forwards_sigint_and_the_server_is_gone(tmp_path: Path) -> None:
     assert serve(_config(tmp_path / "repository", tmp_path), ready_callback=interrupt) == 0
     assert seen[0].pid is not None and not _is_running(seen[0].pid)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _stubs(pgid: int) -> dict[int, list[str]]:
+    """The Python stubs of a server's process group -> the shared-memory regions on their command lines."""
+    stubs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid or int(stat.parent.name) == pgid:
+                continue
+            args = (stat.parent / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, IndexError):
+            continue
+        stubs[int(stat.parent.name)] = [a for a in args if a.startswith(SHM_REGION_PREFIX)]
+    return stubs
+
+
+@pytest.mark.server
+def test_kill_9_of_the_server_under_serve_leaves_no_stub_and_no_shared_memory(tmp_path: Path) -> None:
+    _build_repository(tmp_path / "repository")
+    found: dict[int, list[str]] = {}
+
+    def kill_9(running: TritonServer) -> None:
+        assert running.pid is not None
+        found.update(_stubs(running.pid))
+        os.kill(running.pid, signal.SIGKILL)
+
+    assert serve(_config(tmp_path / "repository", tmp_path), ready_callback=kill_9) == -signal.SIGKILL
+    assert len(found) == 2 and all(regions for regions in found.values())  # one stub per model instance
+    assert not [pid for pid in found if _is_alive(pid)]
+    regions = {r for rs in found.values() for r in rs}
+    assert not [r for r in regions if (Path("/dev/shm") / r).exists()]
+
+
+@pytest.mark.server
+def test_admin_protocols_need_the_key(server: TritonServer) -> None:
+    """Without the key a caller cannot register shared memory (which read the stub's memory back), load or
+    unload models, or change logging; inference, health and statistics stay open."""
+    with grpcclient.InferenceServerClient(server.url) as client:
+        refused = [
+            lambda: client.register_system_shared_memory("stolen", "/triton_python_backend_shm_region_1", 64),
+            lambda: client.get_model_repository_index(),
+            lambda: client.unload_model(ENSEMBLE),
+            lambda: client.update_log_settings({"log_verbose_level": 1}),
+        ]
+        for call in refused:
+            with pytest.raises(InferenceServerException, match="restricted") as error:
+                call()
+            assert "genrec-admin-key" in str(error.value)
+        assert client.is_server_ready() and client.get_inference_statistics(ENSEMBLE).model_stats
+        index = client.get_model_repository_index(headers=server.admin_headers)
+        assert {m.name for m in index.models} == {"add_one", "double", ENSEMBLE}
+    np.testing.assert_array_equal(_infer(server.url, np.array([1], dtype=np.int64)), [4])
 
 
 @pytest.mark.server

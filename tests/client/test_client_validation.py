@@ -49,9 +49,12 @@ def test_bad_history(client: RecommendClient, user_seq: Any, message: str) -> No
 
 BAD_TIMESTAMPS: list[tuple[Any, str]] = [
     ([1, 2], "timestamps has 2 values but the history has 3 items"),
-    ([1.0, float("nan"), 3.0], "timestamps[1]=nan is not a finite number"),
-    ([1.0, 2.0, float("inf")], "timestamps[2]=inf is not a finite number"),
-    ([1.0, 2.0, 1e30], "timestamps[2]=1e+30 is outside the int64 range"),
+    ([1.0, float("nan"), 3.0], "timestamps[1]=nan is not a whole number of seconds"),
+    ([1.0, 2.0, float("inf")], "timestamps[2]=inf is not a whole number of seconds"),
+    ([1.0, 2.5, 3.0], "timestamps[1]=2.5 is not a whole number of seconds"),  # nothing is rounded away
+    ([1.0, 2.0, 1e30], "timestamps[2]=4102444800 is not unix seconds in [0, 4102444800)"),
+    ([1, 2, 1_700_000_000_000], "timestamps[2]=1700000000000 is not unix seconds in [0, 4102444800)"),
+    ([-5, 2, 3], "timestamps[0]=-5 is not unix seconds"),
     (["a", "b", "c"], "timestamps must be integers"),
     (
         [10, 9, 11],
@@ -110,7 +113,7 @@ def test_bad_batches_name_the_user(client: RecommendClient) -> None:
         client.recommend_batch([[1, 2], []])
     with pytest.raises(GenrecError, match=r"^timestamps has 1 entries but there are 2 users"):
         client.retrieve_batch([[1], [2]], timestamps=[[5]])
-    with pytest.raises(GenrecError, match=r"^timestamps\[1\]\[0\]=nan is not a finite number"):
+    with pytest.raises(GenrecError, match=r"^timestamps\[1\]\[0\]=nan is not a whole number"):
         client.recommend_batch([[1], [2]], timestamps=[None, [float("nan")]])
     with pytest.raises(GenrecError, match=r"^actions\[0\]\[0\]=-2 is negative"):
         client.recommend_batch([[1], [2]], actions=[[-2], None])
@@ -137,9 +140,9 @@ def test_bad_settings(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_good_input_becomes_the_wire_arrays() -> None:
-    history = v.history(np.array([3, 1, 2], dtype=np.uint32), [100.4, 100.6, 200], [0, 5, 1], now=7)
+    history = v.history(np.array([3, 1, 2], dtype=np.uint32), [100.0, 101.0, 200], [0, 5, 1], now=7)
     np.testing.assert_array_equal(history.item_ids, [3, 1, 2])
-    np.testing.assert_array_equal(history.timestamps, [100, 101, 200])  # rounded to the second
+    np.testing.assert_array_equal(history.timestamps, [100, 101, 200])  # whole seconds as floats, e.g. pandas
     np.testing.assert_array_equal(history.actions, [0, 5, 1])
     for array in (history.item_ids, history.timestamps, history.actions):
         assert array.dtype == np.int64 and array.shape == (3,)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_constants import MAX_QUEUE_DELAY_US, RETRIEVE_K
+from server_constants import BUILT_FILES, MAX_QUEUE_DELAY_US, RETRIEVE_K, repository_files
 
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
@@ -35,6 +35,7 @@ def server(
             max_queue_delay_us=MAX_QUEUE_DELAY_US,
         )
     )
+    BUILT_FILES[repository] = repository_files(repository)
     grpc, http, metrics = free_ports(3)
     with TritonServer(
         ServerConfig(repository, grpc_port=grpc, http_port=http, metrics_port=metrics)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from server_constants import RETRIEVE_K
+from server_constants import BUILT_FILES, RETRIEVE_K, repository_files
 from tritonclient.utils import InferenceServerException
 
+from genrec.builders.limits import Limits
 from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, RecommendClient, protocol
 from genrec.training.batch import SequenceBatch
@@ -116,7 +117,7 @@ def test_unknown_out_of_range_and_too_long_histories(client: RecommendClient, ti
     truncated = client.recommend(long, k=5, exclude_seen=False)
     assert truncated.num_truncated == 25
     assert truncated.item_ids.tolist() == client.recommend(long[25:], k=5, exclude_seen=False).item_ids.tolist()
-    with pytest.raises(GenrecError, match=f"exceeds the {RETRIEVE_K} candidates"):
+    with pytest.raises(GenrecError, match=rf"'k' must be in 1\.\.{RETRIEVE_K}"):
         client.recommend(known, k=RETRIEVE_K + 1)
     with pytest.raises(GenrecError, match="never seen"):
         client.rank(known, [known[0], 10**9])
@@ -164,6 +165,41 @@ def test_bad_raw_requests_get_clear_errors_and_server_stays_correct(server: Trit
         assert raw.is_server_ready()
         assert all(raw.is_model_ready(m) for m in (protocol.RECOMMEND, protocol.RANK, protocol.RETRIEVE))
     assert _raw_request(server, _history(known)).as_numpy(protocol.ITEM_IDS).tolist() == good.tolist()
+
+
+def test_requests_over_a_limit_or_out_of_range_are_invalid_argument_naming_the_input(
+    server: TritonServer, tiny_checkpoint: Path
+) -> None:
+    """k beyond retrieve_k, too many candidates, too many events and timestamps outside unix seconds (here
+    milliseconds, a unit mistake) are refused by the first step, before any prefill, with the input's name."""
+    _, meta = load_checkpoint(tiny_checkpoint)
+    known = meta.item_raw_ids[:4][None].astype(np.int64)
+    limits = Limits()
+    many = np.resize(meta.item_raw_ids, limits.max_candidates + 1)[None].astype(np.int64)
+    long = np.resize(meta.item_raw_ids, limits.max_history_events + 1)[None].astype(np.int64)
+    with_k = _history(known)
+    with_k[3] = _input(protocol.K, np.array([[RETRIEVE_K + 1]], np.int32), "INT32")
+    cases = [
+        (protocol.RECOMMEND, with_k, rf"'{protocol.K}' must be in 1\.\.{RETRIEVE_K}"),
+        (protocol.RETRIEVE, with_k, rf"'{protocol.K}' must be in 1\.\.{RETRIEVE_K}"),
+        (protocol.RANK, [*_history(known)[:3], _input(protocol.CANDIDATE_ITEM_IDS, many, "INT64")],
+         f"'{protocol.CANDIDATE_ITEM_IDS}' has {limits.max_candidates + 1} candidates, more than"),
+        (protocol.RECOMMEND, _history(long), f"has {limits.max_history_events + 1} events, more than"),
+        (protocol.RECOMMEND, _history(known, np.array([[1, 2, 3, 1_700_000_000_000]])),
+         rf"'?{protocol.HISTORY_TIMESTAMPS}\[3\]=1700000000000 is not unix seconds"),
+        (protocol.RANK, [*_history(known, np.array([[-5, 2, 3, 4]]))[:3],
+                         _input(protocol.CANDIDATE_ITEM_IDS, known, "INT64")], "is not unix seconds"),
+    ]
+    for model, inputs, message in cases:
+        with pytest.raises(InferenceServerException, match=message) as error:
+            _raw_request(server, inputs, model)
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT", (model, error.value)
+
+
+def test_loading_the_repository_changed_none_of_its_files(server: TritonServer) -> None:
+    """Nothing is written into a version folder at load (a __pycache__ there made the poller load every
+    version twice)."""
+    assert repository_files(server.config.repository) == BUILT_FILES[server.config.repository]
 
 
 def test_many_concurrent_mixed_good_and_bad_requests(client: RecommendClient, users) -> None:

@@ -18,7 +18,7 @@ RETRIEVE = "retrieve"  # history -> top-k items by the retrieval score
 
 # Inputs.
 HISTORY_ITEM_IDS = "history_item_ids"  # INT64 [L], oldest first
-HISTORY_TIMESTAMPS = "history_timestamps"  # INT64 [L], unix seconds, non-decreasing
+HISTORY_TIMESTAMPS = "history_timestamps"  # INT64 [L], unix seconds in TIMESTAMP_RANGE, non-decreasing
 HISTORY_ACTIONS = "history_actions"  # INT64 [L], the rating/action per event, 0 = unknown
 K = "k"  # INT32 [1], how many items to return
 EXCLUDE_SEEN = "exclude_seen"  # BOOL [1], drop items already in the history
@@ -29,6 +29,11 @@ ITEM_IDS = "item_ids"  # INT64 [k], best first
 SCORES = "scores"  # FP32 [k] (recommend/retrieve) or [C] (rank, in candidate order)
 NUM_UNKNOWN = "num_unknown"  # INT32 [1], history ids the model has never seen (ignored)
 NUM_TRUNCATED = "num_truncated"  # INT32 [1], oldest events dropped beyond the model's max length
+
+# Accepted history timestamps, unix seconds: [1970-01-01, 2100-01-01). The time bias only sees gaps, so any
+# era would do; this one catches the common unit mistake (milliseconds: 1.7e12 is the year 55,000) and
+# int64 extremes. A checkpoint trained without time ignores the values (send 0).
+TIMESTAMP_RANGE = (0, 4_102_444_800)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import protocol
 from .errors import GenrecError
 
 _INT64 = np.iinfo(np.int64)
@@ -73,43 +74,50 @@ def item_ids(value: Any, field: str) -> np.ndarray:
 
 
 def timestamps(value: Any, length: int, field: str) -> np.ndarray:
-    """Unix seconds (integers, or finite floats rounded to the second) -> int64 (L,), non-decreasing."""
+    """Unix seconds (integers, or floats holding whole seconds) -> int64 (L,); `history_problem` rules."""
     array = _vector(value, field)
     if array.shape[0] != length:
         raise _bad(f"{field} has {array.shape[0]} values but the history has {length} items")
     if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            i = int(np.argmin(finite))
-            raise _bad(f"{field}[{i}]={array[i]} is not a finite number")
-        array = np.rint(array)
-        outside = (array < _INT64.min) | (array >= 2.0**63)
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise _bad(f"{field}[{i}]={array[i]} is outside the int64 range of unix seconds")
-        array = array.astype(np.int64)
-    seconds = _int64(array, field)
-    decreasing = np.diff(seconds) < 0
-    if decreasing.any():
-        i = int(np.argmax(decreasing)) + 1
-        raise _bad(
-            f"{field} must be non-decreasing (oldest event first): "
-            f"{field}[{i}]={seconds[i]} < {field}[{i - 1}]={seconds[i - 1]}"
-        )
-    return seconds
+        whole = np.isfinite(array) & (np.rint(array) == array)
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise _bad(f"{field}[{i}]={array[i]} is not a whole number of seconds")
+        low, high = protocol.TIMESTAMP_RANGE
+        array = np.clip(array, low - 1, high).astype(np.int64)  # out-of-range stays out of range, unwrapped
+    return _int64(array, field)
 
 
 def actions(value: Any, length: int, field: str) -> np.ndarray:
-    """Action/rating codes -> int64 (L,), each >= 0 (0 = unknown)."""
+    """Action/rating codes -> int64 (L,); `history_problem` rules."""
     array = _vector(value, field)
     if array.shape[0] != length:
         raise _bad(f"{field} has {array.shape[0]} values but the history has {length} items")
-    codes = _int64(array, field)
-    negative = codes < 0
+    return _int64(array, field)
+
+
+def history_problem(timestamps_: np.ndarray, actions_: np.ndarray, fields: tuple[str, str]) -> str | None:
+    """What is wrong with a history's int64 timestamps and actions, naming the field; None if nothing.
+
+    The one statement of the rule: the client checks it before sending, every served model on arrival.
+    """
+    ts_field, act_field = fields
+    low, high = protocol.TIMESTAMP_RANGE
+    outside = (timestamps_ < low) | (timestamps_ >= high)
+    if outside.any():
+        i = int(np.argmax(outside))
+        return (f"{ts_field}[{i}]={timestamps_[i]} is not unix seconds in [{low}, {high}) "
+                "(1970 to 2100; milliseconds are 1000 times too large)")
+    decreasing = np.diff(timestamps_) < 0
+    if decreasing.any():
+        i = int(np.argmax(decreasing)) + 1
+        return (f"{ts_field} must be non-decreasing (oldest event first): "
+                f"{ts_field}[{i}]={timestamps_[i]} < {ts_field}[{i - 1}]={timestamps_[i - 1]}")
+    negative = actions_ < 0
     if negative.any():
         i = int(np.argmax(negative))
-        raise _bad(f"{field}[{i}]={codes[i]} is negative (0 means unknown)")
-    return codes
+        return f"{act_field}[{i}]={actions_[i]} is negative (0 means unknown)"
+    return None
 
 
 def history(
@@ -126,6 +134,9 @@ def history(
     n = ids.shape[0]
     ts = np.full(n, now, dtype=np.int64) if timestamps_ is None else timestamps(timestamps_, n, ts_field)
     act = np.zeros(n, dtype=np.int64) if actions_ is None else actions(actions_, n, act_field)
+    problem = history_problem(ts, act, (ts_field, act_field))
+    if problem is not None:
+        raise _bad(problem)
     return History(ids, ts, act)
 
 
