@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from genrec.builders.tritonserver import ServerConfig, ServerError, serve
+from genrec.builders.tritonserver import (
+    ADMIN_HEADER,
+    GRPC_ADMIN_HEADER,
+    ServerConfig,
+    ServerError,
+    default_admin_key_file,
+    read_or_create_admin_key,
+    serve,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-verbose", type=int, default=defaults.log_verbose, help="Triton's verbosity level (default: 0)"
     )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=default_admin_key_file(),
+        help="the key that unlocks Triton's admin protocols (shared memory, model repository, logging, "
+        f"trace) as the gRPC header '{GRPC_ADMIN_HEADER}' or the HTTP header '{ADMIN_HEADER}'; created "
+        "(mode 0600) with a random key if missing (default: %(default)s)",
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: serve gRPC over TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         model_control=args.model_control,
         log_file=args.log_file,
+        admin_key=read_or_create_admin_key(args.admin_key_file),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     try:
         return serve(config)

@@ -51,6 +51,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genrec"
 
 
+def default_admin_key_file() -> Path:
+    return cache_dir() / "admin-key"
+
+
+def read_or_create_admin_key(path: Path) -> str:
+    """The admin key kept in ``path``; a new random one, readable by this user only, if there is none."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    key = path.read_text().strip()
+    if not key or any(c in key for c in ",:= \t"):
+        raise ServerError(f"{path}: the admin key must be one word without ',', ':' or '='")
+    return key
+
+
 @dataclass(frozen=True)
 class TritonInstall:
     """A runnable tritonserver and what its process needs on top of the current environment."""

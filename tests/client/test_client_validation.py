@@ -32,6 +32,8 @@ BAD_HISTORIES: list[tuple[Any, str]] = [
     (7, "user_seq must be 1-D, got shape ()"),
     ("1,2,3", "user_seq must be a 1-D sequence of numbers"),
     (None, "user_seq must be a 1-D sequence of numbers"),
+    ({3, 1, 2}, "user_seq must be an ordered sequence (list, tuple, numpy array), got a set"),
+    ({1: 2}, "user_seq must be an ordered sequence (list, tuple, numpy array), got a dict"),
     ([1, 2**63], "user_seq[1]=9223372036854775808 is outside the int64 range"),
     (np.array([1, 2**63], dtype=np.uint64), "user_seq[1]=9223372036854775808 is outside the int64 range"),
 ]
@@ -137,6 +139,18 @@ def test_bad_batches_name_the_user(client: RecommendClient) -> None:
 def test_bad_settings(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(GenrecError, match="^" + _re(message)):
         RecommendClient(NOWHERE, **kwargs)
+
+
+@pytest.mark.parametrize("url", [None, "", "  ", 8001])
+def test_a_client_needs_a_url(url: Any) -> None:
+    with pytest.raises(GenrecError, match=r"^url must be 'host:port'") as info:
+        RecommendClient(url)
+    assert info.value.status == "INVALID_ARGUMENT"
+
+
+def test_a_generator_is_read_in_order() -> None:
+    history = v.history((i for i in (5, 3, 9)), iter([10, 20, 30]), None, now=0)
+    assert history.item_ids.tolist() == [5, 3, 9] and history.timestamps.tolist() == [10, 20, 30]
 
 
 def test_good_input_becomes_the_wire_arrays() -> None:

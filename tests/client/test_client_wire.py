@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -124,9 +125,26 @@ def test_server_errors_keep_message_and_status() -> None:
     assert (err.status, err.model) == ("INVALID_ARGUMENT", protocol.RETRIEVE)
     assert str(err) == "retrieve at host:8001: [INVALID_ARGUMENT] k=500 exceeds the retrieval depth"
     assert not wire.is_transient(err)
-    for status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):
-        assert wire.is_transient(wire.error(InferenceServerException("x", status=status), None, "h"))
+    assert wire.is_transient(wire.error(InferenceServerException("x", status="StatusCode.UNAVAILABLE"), None, "h"))
+    # A deadline is not retried: the server may still be computing it (a retry storm under overload).
+    assert not wire.is_transient(wire.error(InferenceServerException("x", status="StatusCode.DEADLINE_EXCEEDED"), None, "h"))
     assert wire.error(InferenceServerException("no status"), None, "h").status is None
+
+
+def test_jitter_spreads_each_wait_over_the_upper_half_of_its_backoff() -> None:
+    random.seed(0)
+    for attempt in range(6):
+        waits = [wire.jittered_backoff_s(attempt) for _ in range(200)]
+        cap = wire.backoff_s(attempt)
+        assert 0.5 * cap <= min(waits) and max(waits) < cap and max(waits) - min(waits) > 0.4 * cap
+
+
+def test_server_messages_use_the_callers_argument_names() -> None:
+    exc = InferenceServerException("'candidate_item_ids' holds ids the model has never seen: 7; "
+                                   "history_timestamps[3]=-1 is not unix seconds", status="StatusCode.INVALID_ARGUMENT")
+    err = wire.error(exc, protocol.RANK, "h:1")
+    assert str(err) == "rank at h:1: [INVALID_ARGUMENT] candidates holds ids the model has never seen: 7; " \
+        "timestamps[3]=-1 is not unix seconds"
 
 
 def test_backoff_grows_and_is_capped() -> None:

@@ -187,7 +187,8 @@ def test_server_errors_are_not_retried(server: TritonServer, catalog: Catalog) -
 
 
 def test_transient_errors_are_retried_with_backoff() -> None:
-    """A closed port is UNAVAILABLE at once; each retry waits its backoff first (0.1, 0.2, 0.4, ... s)."""
+    """A closed port is UNAVAILABLE at once; each retry waits its jittered backoff first (half to all of
+    0.1, 0.2, 0.4, ... s)."""
     url = _closed_port()
     elapsed = {}
     for retries in (0, 4):
@@ -200,18 +201,18 @@ def test_transient_errors_are_retried_with_backoff() -> None:
         assert (err.status, err.model) == ("UNAVAILABLE", protocol.RECOMMEND) and url in str(err)
     backoff = sum(wire.backoff_s(attempt) for attempt in range(4))
     assert backoff == pytest.approx(1.5)
-    assert elapsed[0] < backoff <= elapsed[4]  # the retries waited their backoff ...
+    assert elapsed[0] < backoff / 2 <= elapsed[4]  # the retries waited their backoff ...
     assert elapsed[4] < backoff + 5 * 5.0  # ... and no attempt waited for its timeout
 
 
-def test_timeout_is_deadline_exceeded(server: TritonServer, catalog: Catalog) -> None:
-    with RecommendClient(server.url, timeout_s=1e-4, retries=1) as client:
+def test_timeout_is_deadline_exceeded_and_not_retried(server: TritonServer, catalog: Catalog) -> None:
+    with RecommendClient(server.url, timeout_s=1e-4, retries=3) as client:
         start = time.perf_counter()
         with pytest.raises(GenrecError) as info:
             client.rank(catalog.history(3), catalog.item_ids[:3])
         elapsed = time.perf_counter() - start
     assert (info.value.status, info.value.model) == ("DEADLINE_EXCEEDED", protocol.RANK)
-    assert elapsed >= wire.backoff_s(0)  # retried once, after its backoff
+    assert elapsed < wire.backoff_s(0) / 2  # one attempt: no backoff was waited
 
 
 def test_ready(server: TritonServer) -> None:
@@ -309,7 +310,7 @@ def test_async_client_unreachable() -> None:
             assert url in str(info.value)
             return time.perf_counter() - start
 
-    assert asyncio.run(run()) >= wire.backoff_s(0) + wire.backoff_s(1)  # retried twice, after backoff
+    assert asyncio.run(run()) >= (wire.backoff_s(0) + wire.backoff_s(1)) / 2  # retried twice, after backoff
 
 
 # -- genrec-client ----------------------------------------------------------------------------------

@@ -42,16 +42,14 @@ class AsyncRecommendClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.concurrency = concurrency  # most requests in flight in the *_batch methods
-        try:
-            self._triton = grpcclient.InferenceServerClient(
-                url,
-                ssl=ssl,
-                root_certificates=root_certificates,
-                private_key=private_key,
-                certificate_chain=certificate_chain,
-            )
-        except (InferenceServerException, OSError, ValueError) as exc:
-            raise GenrecError(f"cannot create a gRPC client for {url}: {exc}") from None
+        self._triton = wire.connect(
+            grpcclient.InferenceServerClient,
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
 
     async def recommend(
         self,
@@ -159,7 +157,7 @@ class AsyncRecommendClient:
                 err = wire.error(exc, call.model, self.url)
                 if attempt >= self.retries or not wire.is_transient(err):
                     raise err from None
-                await asyncio.sleep(wire.backoff_s(attempt))
+                await asyncio.sleep(wire.jittered_backoff_s(attempt))
                 attempt += 1
             else:
                 return call.parse(result)

@@ -23,8 +23,9 @@ class RecommendClient:
     """Blocking client over `tritonclient.grpc.InferenceServerClient`; its methods are thread-safe.
 
     One request carries one user's history (oldest event first); Triton batches users server-side.
-    ``timeout_s`` bounds each attempt; ``retries`` more attempts follow an ``UNAVAILABLE`` or
-    ``DEADLINE_EXCEEDED`` error, after 0.1 s, 0.2 s, ... Every failure raises `GenrecError`.
+    ``timeout_s`` bounds each attempt; ``retries`` more attempts follow an ``UNAVAILABLE`` error (the server
+    unreachable), after up to 0.1 s, 0.2 s, ... with random jitter. A ``DEADLINE_EXCEEDED`` is not retried:
+    the server may still be computing it. Every failure raises `GenrecError`.
 
     ``timestamps`` (unix seconds, non-decreasing) default to ``int(time.time())`` for every event:
     the model's time-gap bias then sees zero gaps, so pass real timestamps when you have them.
@@ -48,16 +49,14 @@ class RecommendClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.concurrency = concurrency  # most requests in flight in the *_batch methods
-        try:
-            self._triton = grpcclient.InferenceServerClient(
-                url,
-                ssl=ssl,
-                root_certificates=root_certificates,
-                private_key=private_key,
-                certificate_chain=certificate_chain,
-            )
-        except (InferenceServerException, OSError, ValueError) as exc:
-            raise GenrecError(f"cannot create a gRPC client for {url}: {exc}") from None
+        self._triton = wire.connect(
+            grpcclient.InferenceServerClient,
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
 
     # -- one user ------------------------------------------------------------------------------
 
@@ -182,7 +181,7 @@ class RecommendClient:
                 err = wire.error(exc, call.model, self.url)
                 if attempt >= self.retries or not wire.is_transient(err):
                     raise err from None
-                time.sleep(wire.backoff_s(attempt))
+                time.sleep(wire.jittered_backoff_s(attempt))
                 attempt += 1
             else:
                 return call.parse(result)

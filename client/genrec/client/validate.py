@@ -6,6 +6,7 @@ exact numpy arrays of the wire format, or raises `GenrecError` naming the field 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,10 @@ def _vector(value: Any, field: str) -> np.ndarray:
     """Any 1-D sequence -> a 1-D numpy array; python ints beyond int64 are refused, not wrapped."""
     if value is None or isinstance(value, (str, bytes)):
         raise _bad(f"{field} must be a 1-D sequence of numbers, got {value!r}")
+    if isinstance(value, (Set, Mapping)):
+        raise _bad(f"{field} must be an ordered sequence (list, tuple, numpy array), got a {type(value).__name__}")
+    if isinstance(value, Iterator):
+        value = list(value)  # a generator or an iterator: its items, in order
     if isinstance(value, (list, tuple)):
         for i, x in enumerate(value):
             if isinstance(x, int) and not isinstance(x, bool) and not _INT64.min <= x <= _INT64.max:

@@ -7,6 +7,7 @@ send calls, retry the transient failures (`is_transient`, `backoff_s`) and map e
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,30 @@ from .types import Ranking, Recommendations, ScoredItem
 from .validate import History
 
 R = TypeVar("R")
+T = TypeVar("T")
 
-# Worth another try: the server was unreachable or slow; never retried: bad input, unknown model, ...
-TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+# Worth another try: the server was unreachable. Never retried: bad input, unknown model, ..., and a
+# deadline: the server may still be computing it, and retrying slow requests is how overload becomes a storm.
+TRANSIENT = frozenset({"UNAVAILABLE"})
+# gRPC's own reconnect backoff grows to 120 s, so a client of a restarted server stayed UNAVAILABLE for up to
+# ~11 s after it was ready; reconnect attempts here are 0.1 s apart at first and never more than 1 s.
+CHANNEL_ARGS = (
+    ("grpc.max_send_message_length", 2**31 - 1),  # as tritonclient's defaults: the server's limits apply
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+# The served tensors under the names the caller gave them (RecommendClient's arguments).
+ARGUMENT_NAMES = {
+    protocol.HISTORY_ITEM_IDS: "user_seq",
+    protocol.HISTORY_TIMESTAMPS: "timestamps",
+    protocol.HISTORY_ACTIONS: "actions",
+    protocol.CANDIDATE_ITEM_IDS: "candidates",
+    protocol.K: "k",
+}
 
 
 @dataclass(frozen=True)
@@ -198,7 +220,19 @@ def error(exc: InferenceServerException, model: str | None, url: str) -> GenrecE
     status = exc.status()
     status = None if status is None else str(status).removeprefix("StatusCode.")
     where = f"{model} at {url}" if model else url
-    return GenrecError(f"{where}: [{status}] {exc.message()}", status=status, model=model)
+    message = caller_names(str(exc.message()), ARGUMENT_NAMES)
+    return GenrecError(f"{where}: [{status}] {message}", status=status, model=model)
+
+
+def connect(client_class: type[T], url: Any, **tls: Any) -> T:
+    """A tritonclient (``tritonclient.grpc`` or its ``aio``) for ``url`` with `CHANNEL_ARGS`; tls: ``ssl``,
+    ``root_certificates``, ``private_key``, ``certificate_chain`` as tritonclient takes them."""
+    if not isinstance(url, str) or not url.strip():
+        raise GenrecError(f"url must be 'host:port', got {url!r}", status="INVALID_ARGUMENT")
+    try:
+        return client_class(url, channel_args=list(CHANNEL_ARGS), **tls)  # type: ignore[call-arg]
+    except (InferenceServerException, OSError, ValueError, TypeError) as exc:
+        raise GenrecError(f"cannot create a gRPC client for {url}: {exc}") from None
 
 
 def is_transient(err: GenrecError) -> bool:
@@ -206,8 +240,21 @@ def is_transient(err: GenrecError) -> bool:
 
 
 def backoff_s(attempt: int) -> float:
-    """Seconds to wait before retry number ``attempt + 1``: 0.1, 0.2, 0.4, ... capped at 2."""
+    """The most seconds to wait before retry number ``attempt + 1``: 0.1, 0.2, 0.4, ... capped at 2."""
     return float(min(0.1 * 2**attempt, 2.0))
+
+
+def jittered_backoff_s(attempt: int) -> float:
+    """`backoff_s` scaled by a random factor in [0.5, 1): clients that failed together do not retry together."""
+    return backoff_s(attempt) * (0.5 + random.random() / 2)
+
+
+def caller_names(message: str, names: dict[str, str]) -> str:
+    """A server message with its tensor names (``'candidate_item_ids'``, ``history_timestamps[3]``) replaced
+    by the caller's argument names (``candidates``, ``timestamps[3]``)."""
+    for tensor, argument in names.items():
+        message = message.replace(f"'{tensor}'", argument).replace(f"{tensor}[", f"{argument}[")
+    return message
 
 
 def in_batch(err: GenrecError, index: int) -> GenrecError:
