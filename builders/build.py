@@ -8,8 +8,10 @@
     rank/              ensemble: user_encoder -> candidate_scorer (caller's candidates)
     retrieve/          ensemble: user_encoder -> item_retrieval -> top_n
 
-Every build writes version N+1 of every model; the configs serve the newest version. The ensemble wiring
-is the same for every runtime: only the artifacts and the ``runtime`` parameter change.
+Every build writes version N+1 of every model; its ensembles pin their steps to version N+1, and the
+composing models keep their two newest versions, so `genrec rollout` moves a running server to the new build
+with no request failed or mixed. The ensemble wiring is the same for every runtime: only the artifacts and
+the ``runtime`` parameter change.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import importlib.util
 import os
 import py_compile
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +46,7 @@ from genrec.training.retrieval import FaissConfig, build_faiss_index, save_index
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "metrics.json")
 COMPOSING = ("user_encoder", "item_retrieval", "candidate_scorer", "top_n")
+KEEP_VERSIONS = 2  # loaded versions of each composing model: the serving build and the one rolling in
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,13 @@ def _scalar_input(t: protocol.Tensor) -> TensorSpec:
     return tensor_from_protocol(t)
 
 
-def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | EnsembleSpec]:
-    """The typed description of every model in the repository."""
+def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[ModelSpec | EnsembleSpec]:
+    """The typed description of every model of build ``version``.
+
+    Rollout without mixing: every ensemble step pins the composing model's ``version``, and composing
+    models keep their two newest versions loaded, so while a server moves to a new build (`genrec rollout`:
+    composing models first, then the ensembles, each switching at once) every request runs on one build.
+    """
     batching = DynamicBatching(build.max_queue_delay_us) if build.dynamic_batching else None
     instance_kind = "KIND_GPU" if build.device.startswith("cuda") else "KIND_CPU"
     groups = (InstanceGroup(build.instances, instance_kind),)
@@ -102,7 +110,7 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
     def python_model(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], **params: str) -> ModelSpec:
         return ModelSpec(
             name=name, inputs=inputs, outputs=outputs, max_batch_size=build.max_batch_size,
-            dynamic_batching=batching, instance_groups=groups,
+            dynamic_batching=batching, instance_groups=groups, version_policy_latest=KEEP_VERSIONS,
             parameters={"handler": name, "runtime": runtime, "device": build.device, **limits, **params},
         )
 
@@ -150,7 +158,7 @@ def model_specs(config: HSTUConfig, build: BuildConfig) -> list[ModelSpec | Ense
             inputs=tuple(tensor_from_protocol(t) for t in endpoint.inputs),
             outputs=tuple(tensor_from_protocol(t) for t in endpoint.outputs),
             max_batch_size=build.max_batch_size,
-            steps=steps,
+            steps=tuple(replace(step, model_version=version) for step in steps),
         )
 
     retrieval_inputs = {h.USER_EMBEDDING: h.USER_EMBEDDING, protocol.HISTORY_ITEM_IDS: protocol.HISTORY_ITEM_IDS,
@@ -223,7 +231,7 @@ def build_repository(build: BuildConfig) -> int:
     staging = repository / f".staging-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     artifacts = _write_artifacts(model, build, staging / "artifacts")
-    for spec in model_specs(model.config, build):
+    for spec in model_specs(model.config, build, version):
         write_config(spec, staging / spec.name)
         version_dir = staging / spec.name / str(version)
         version_dir.mkdir(parents=True)
@@ -232,8 +240,11 @@ def build_repository(build: BuildConfig) -> int:
             for source in artifacts.rglob("*"):
                 if source.is_file():
                     _link_or_copy(source, version_dir / source.relative_to(artifacts))
-    # Move into place model by model: the configs of the new build, the older versions kept beside.
-    for model_dir in sorted(p for p in staging.iterdir() if p.name != "artifacts"):
+    # Move into place model by model, composing models before the ensembles pinned to them; older versions
+    # stay beside.
+    order = {name: i for i, name in enumerate(COMPOSING)}
+    built = sorted((p for p in staging.iterdir() if p.name != "artifacts"), key=lambda p: (order.get(p.name, 99), p.name))
+    for model_dir in built:
         target = repository / model_dir.name
         target.mkdir(exist_ok=True)
         shutil.move(str(model_dir / str(version)), str(target / str(version)))

@@ -89,6 +89,7 @@ class EnsembleStep:
     model_name: str
     input_map: Mapping[str, str]  # step input -> ensemble tensor
     output_map: Mapping[str, str]  # step output -> ensemble tensor
+    model_version: int = -1  # -1: the newest loaded version; a build pins its own, so no request mixes two
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def to_model_config(spec: ModelSpec | EnsembleSpec) -> model_config_pb2.ModelCon
         for step in spec.steps:
             config.ensemble_scheduling.step.add(
                 model_name=step.model_name,
-                model_version=-1,  # the newest version of the composing model
+                model_version=step.model_version,
                 input_map=dict(step.input_map),
                 output_map=dict(step.output_map),
             )

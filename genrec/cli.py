@@ -1,4 +1,4 @@
-"""The `genrec` command line: train, eval, build, serve, demo, bench.
+"""The `genrec` command line: train, eval, build, serve, rollout, demo, bench.
 
 Each verb builds a typed config from its flags and calls library code; `main(argv)` is callable from tests.
 """
@@ -176,6 +176,33 @@ def _add_serve(sub: argparse._SubParsersAction) -> Handler:
     return serve.run
 
 
+def _add_rollout(sub: argparse._SubParsersAction) -> Handler:
+    from genrec.builders.tritonserver import default_admin_key_file
+
+    p = sub.add_parser("rollout", help="move a running server to the repository's newest build",
+                       description="For a server started with --model-control explicit: reloads the composing "
+                       "models, then the ensembles pinned to them, so that no request fails or mixes two builds "
+                       "(also across a change of catalogue). Run `genrec build` first.")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="(default: %(default)s)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (default: %(default)s)")
+    p.add_argument("--admin-key-file", type=Path, default=default_admin_key_file(),
+                   help="the key `genrec serve` uses (default: %(default)s)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="the server's certificate, if it serves TLS")
+
+    def run(args: argparse.Namespace) -> int:
+        from genrec.builders.rollout import RolloutConfig, RolloutError, rollout
+
+        try:
+            version = rollout(RolloutConfig(args.repository, args.url, args.admin_key_file, args.tls_cert))
+        except RolloutError as error:
+            print(f"genrec rollout: {error}", file=sys.stderr)
+            return 1
+        print(f"{args.url} serves version {version} of {args.repository}")
+        return 0
+
+    return run
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("demo", help="end to end: train on MovieLens-100K, build, serve, recommend",
                        description="Trains a small HSTU on MovieLens-100K, builds the Triton repository, starts the "
@@ -215,12 +242,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         prog="genrec",
         description="Generative recommendations (HSTU) trained in PyTorch and served by NVIDIA Triton.",
     )
-    sub = parser.add_subparsers(dest="verb", metavar="{train,eval,build,serve,demo,bench}")
+    sub = parser.add_subparsers(dest="verb", metavar="{train,eval,build,serve,rollout,demo,bench}")
     handlers = {
         "train": _add_train(sub),
         "eval": _add_eval(sub),
         "build": _add_build(sub),
         "serve": _add_serve(sub),
+        "rollout": _add_rollout(sub),
         "demo": _add_demo(sub),
         "bench": _add_bench(sub),
     }

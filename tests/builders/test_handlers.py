@@ -183,9 +183,11 @@ def test_build_adds_versions_and_writes_the_specs(tiny_checkpoint: Path, tmp_pat
     assert build_repository(config) == 2 == next_version(tmp_path) - 1
     model, _ = load_checkpoint(tiny_checkpoint)
     assert isinstance(model, HSTU)
-    for spec in model_specs(model.config, config):
+    for spec in model_specs(model.config, config, version=2):
         assert read_config(tmp_path / spec.name / "config.pbtxt") == to_model_config(spec)
         assert sorted(p.name for p in (tmp_path / spec.name).iterdir() if p.is_dir()) == ["1", "2"]
+        steps = read_config(tmp_path / spec.name / "config.pbtxt").ensemble_scheduling.step
+        assert all(step.model_version == 2 for step in steps)  # an ensemble runs on its own build only
     assert (tmp_path / "user_encoder" / "2" / "model.py").exists()
     with pytest.raises(ValueError, match="retrieve_k"):
         build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10**6))
