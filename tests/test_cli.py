@@ -6,7 +6,7 @@ import pytest
 
 from genrec.cli import build_parser, main
 
-VERBS = ["train", "eval", "build", "serve", "demo", "bench"]
+VERBS = ["train", "eval", "build", "serve", "rollout", "demo", "bench"]
 
 
 def test_top_level_help(capsys: pytest.CaptureFixture[str]) -> None:

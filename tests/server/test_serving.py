@@ -117,7 +117,7 @@ def test_unknown_out_of_range_and_too_long_histories(client: RecommendClient, ti
     truncated = client.recommend(long, k=5, exclude_seen=False)
     assert truncated.num_truncated == 25
     assert truncated.item_ids.tolist() == client.recommend(long[25:], k=5, exclude_seen=False).item_ids.tolist()
-    with pytest.raises(GenrecError, match=rf"'k' must be in 1\.\.{RETRIEVE_K}"):
+    with pytest.raises(GenrecError, match=rf"k must be in 1\.\.{RETRIEVE_K}"):  # the caller's name for it
         client.recommend(known, k=RETRIEVE_K + 1)
     with pytest.raises(GenrecError, match="never seen"):
         client.rank(known, [known[0], 10**9])
