@@ -11,9 +11,45 @@ import json
 import traceback
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from genrec.builders.handlers import load_handler
+from genrec.client import protocol
+
+# Prometheus histogram buckets: history events per request, candidates per request.
+SIZE_BUCKETS = [1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 100_000]
+OUTCOMES = ("ok", "invalid_argument", "cancelled", "internal")
+
+
+class Metrics:
+    """genrec's own Prometheus series on Triton's metrics port, labelled by model."""
+
+    def __init__(self, model: str) -> None:
+        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
+        self._families = [
+            requests := pb_utils.MetricFamily("genrec_requests_total", "requests by outcome", counter),
+            unknown := pb_utils.MetricFamily("genrec_history_unknown_total", "history ids the model never saw", counter),
+            truncated := pb_utils.MetricFamily("genrec_history_truncated_total", "events dropped beyond max_len", counter),
+            events := pb_utils.MetricFamily("genrec_history_events", "history events per request", histogram),
+            candidates := pb_utils.MetricFamily("genrec_candidates", "candidates per request", histogram),
+        ]  # a family must outlive its metrics
+        labels = {"model": model}
+        self.requests = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+        self.unknown, self.truncated = unknown.Metric(labels=labels), truncated.Metric(labels=labels)
+        self.events = events.Metric(labels=labels, buckets=SIZE_BUCKETS)
+        self.candidates = candidates.Metric(labels=labels, buckets=SIZE_BUCKETS)
+
+    def observe_request(self, request: dict[str, np.ndarray]) -> None:
+        if protocol.HISTORY_ITEM_IDS in request:
+            self.events.observe(float(request[protocol.HISTORY_ITEM_IDS].shape[-1]))
+        if protocol.CANDIDATE_ITEM_IDS in request:
+            self.candidates.observe(float(request[protocol.CANDIDATE_ITEM_IDS].shape[-1]))
+
+    def observe_result(self, result: dict[str, np.ndarray]) -> None:
+        if protocol.NUM_UNKNOWN in result:
+            self.unknown.increment(float(result[protocol.NUM_UNKNOWN].sum()))
+            self.truncated.increment(float(result[protocol.NUM_TRUNCATED].sum()))
 
 
 def _error(message: str, invalid_argument: bool) -> "pb_utils.TritonError":
@@ -29,6 +65,7 @@ class TritonPythonModel:
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.name = f"{args['model_name']} version {args['model_version']}"
         self.handler = load_handler(parameters["handler"], version_dir, parameters)
+        self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests: list) -> list:
         cancelled = [r.is_cancelled() for r in requests]
@@ -37,22 +74,28 @@ class TritonPythonModel:
         for request in live:
             tensors = (pb_utils.get_input_tensor_by_name(request, name) for name in self.input_names)
             batch.append({t.name(): t.as_numpy() for t in tensors if t is not None})
+            self.metrics.observe_request(batch[-1])
         try:
             results = iter(self.handler.execute(batch) if batch else [])
         except Exception:  # a bug, not bad input: report it to every caller, keep serving
             pb_utils.Logger.log_error(f"{self.name}: {traceback.format_exc()}")
             error = _error(f"internal error in {self.name} (the server log has the details)", False)
+            self.metrics.requests["internal"].increment(len(requests))
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
         for gone in cancelled:
             if gone:
                 error = pb_utils.TritonError("the caller cancelled the request", pb_utils.TritonError.CANCELLED)
                 responses.append(pb_utils.InferenceResponse(error=error))
+                self.metrics.requests["cancelled"].increment(1)
                 continue
             result = next(results)
             if isinstance(result, Exception):
                 responses.append(pb_utils.InferenceResponse(error=_error(str(result), True)))
+                self.metrics.requests["invalid_argument"].increment(1)
             else:
                 outputs = [pb_utils.Tensor(name, array) for name, array in result.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+                self.metrics.requests["ok"].increment(1)
+                self.metrics.observe_result(result)
         return responses

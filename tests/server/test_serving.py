@@ -6,6 +6,7 @@ One server per runtime (the package-scoped, parametrised `server` of conftest.py
 from __future__ import annotations
 
 import concurrent.futures
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from genrec.builders.limits import Limits
 from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, RecommendClient, protocol
 from genrec.training.batch import SequenceBatch
-from genrec.training.checkpoint import load_checkpoint
+from genrec.training.checkpoint import load_checkpoint, load_meta
 from genrec.training.hstu import HSTU
 from genrec.training.pipeline import recommend as recommend_offline
 from genrec.training.prepare import DataConfig, prepare
@@ -194,6 +195,33 @@ def test_requests_over_a_limit_or_out_of_range_are_invalid_argument_naming_the_i
         with pytest.raises(InferenceServerException, match=message) as error:
             _raw_request(server, inputs, model)
         assert error.value.status() == "StatusCode.INVALID_ARGUMENT", (model, error.value)
+
+
+def _metric(server: TritonServer, line_start: str) -> float:
+    url = f"http://{server.config.client_host}:{server.config.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    assert len(values) == 1, (line_start, values)
+    return values[0]
+
+
+def test_prometheus_counts_requests_by_outcome_and_unknown_ids(client: RecommendClient, server: TritonServer,
+                                                                 tiny_checkpoint: Path) -> None:
+    known = load_meta(tiny_checkpoint).item_raw_ids[:4].tolist()
+    series = {
+        "ok": 'genrec_requests_total{model="user_encoder",outcome="ok"}',
+        "invalid": 'genrec_requests_total{model="user_encoder",outcome="invalid_argument"}',
+        "unknown": 'genrec_history_unknown_total{model="user_encoder"}',
+        "events": 'genrec_history_events_count{model="user_encoder"}',
+        "candidates": 'genrec_candidates_count{model="candidate_scorer"}',
+    }
+    before = {name: _metric(server, line) for name, line in series.items()}
+    client.recommend([*known, 10**12, -3], k=3)  # two unknown ids
+    with pytest.raises(GenrecError):
+        client.recommend([10**9])
+    after = {name: _metric(server, line) for name, line in series.items()}
+    assert {name: after[name] - before[name] for name in series} == {
+        "ok": 1, "invalid": 1, "unknown": 2, "events": 2, "candidates": 1}
 
 
 def test_loading_the_repository_changed_none_of_its_files(server: TritonServer) -> None:
