@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; a GPU user runs `make setup TORCH=torch` (or pre-installs a CUDA build in the venv).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint quality quality-short kv-cache retrieval-bench bench clean
+.PHONY: setup demo test lint quality quality-short kv-cache retrieval-bench reliability bench clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ kv-cache: setup
 
 retrieval-bench: setup
 	$(PY) -m genrec.benchmarks.retrieval
+
+reliability: setup
+	$(PY) -m genrec.benchmarks.reliability
 
 bench: setup
 	$(VENV)/bin/genrec bench
