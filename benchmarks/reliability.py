@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -46,7 +47,7 @@ from genrec.benchmarks.serving_data import History, ml100k_histories
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.limits import Limits
 from genrec.builders.rollout import RolloutConfig, rollout
-from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
+from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports, group_members
 from genrec.client import GenrecError, RecommendClient
 from genrec.training.checkpoint import load_meta
 from genrec.training.datasets import SyntheticConfig
@@ -110,17 +111,14 @@ class Load:
 def _rss_mb(pgid: int) -> dict[str, float]:
     """Resident memory of each process of the server's group: 'tritonserver' and the stubs by model."""
     out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in group_members(pgid):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            status = (stat.parent / "status").read_text()
-            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
+            status = Path(f"/proc/{pid}/status").read_text()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited meanwhile
         rss = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS")), 0.0)
-        name = "tritonserver" if int(stat.parent.name) == pgid else Path(args[1].decode()).parent.parent.name
-        out[name] = rss
+        out["tritonserver" if pid == pgid else Path(args[1].decode()).parent.parent.name] = rss
     return out
 
 
@@ -147,10 +145,7 @@ def run(cfg: ReliabilityConfig) -> dict:
     machine = machine_description()
     checkpoint, other = _train(cfg)
     repository = cfg.work_dir / "repository"
-    if repository.exists():
-        import shutil
-
-        shutil.rmtree(repository)
+    shutil.rmtree(repository, ignore_errors=True)
     build_repository(BuildConfig(checkpoint=checkpoint, repository=repository))
     max_len = int(load_meta(checkpoint).model_config["max_len"])
     histories = ml100k_histories(64, max_len=max_len, seed=cfg.seed)

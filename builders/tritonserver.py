@@ -202,8 +202,8 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
 SHM_REGION_PREFIX = "triton_python_backend_shm_region"  # a stub argument; the file is /dev/shm/<name>
 
 
-def _group_members(pgid: int) -> list[int]:
-    """The live processes of a process group (Linux /proc)."""
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group (Linux /proc): a server and its Python stubs."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -222,7 +222,7 @@ def reap_group(pgid: int, timeout_s: float = 10.0) -> list[str]:
     regions; the stubs stay in the server's process group, and each one's command line names its region.
     Returns the regions removed.
     """
-    members = _group_members(pgid)
+    members = group_members(pgid)
     regions: set[str] = set()
     for pid in members:
         try:
@@ -234,7 +234,7 @@ def reap_group(pgid: int, timeout_s: float = 10.0) -> list[str]:
         with contextlib.suppress(ProcessLookupError):  # the last one exited meanwhile
             os.killpg(pgid, signal.SIGKILL)
         deadline = time.monotonic() + timeout_s
-        while _group_members(pgid) and time.monotonic() < deadline:
+        while group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
     removed = []
     for region in sorted(regions):

@@ -28,6 +28,7 @@ from genrec.builders.tritonserver import (
     TritonServer,
     find_perf_analyzer,
     free_ports,
+    group_members,
     serve,
 )
 
@@ -117,14 +118,6 @@ def _is_running(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _is_alive(pid: int) -> bool:
-    """Running and not a zombie (an orphan's zombie waits for PID 1 to reap it, which holds nothing)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     tmp = tmp_path_factory.mktemp("triton")
@@ -196,14 +189,10 @@ def test_serve_forwards_sigint_and_the_server_is_gone(tmp_path: Path) -> None:
 def _stubs(pgid: int) -> dict[int, list[str]]:
     """The Python stubs of a server's process group -> the shared-memory regions on their command lines."""
     stubs = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid or int(stat.parent.name) == pgid:
-                continue
-            args = (stat.parent / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, IndexError):
-            continue
-        stubs[int(stat.parent.name)] = [a for a in args if a.startswith(SHM_REGION_PREFIX)]
+    for pid in group_members(pgid):
+        if pid != pgid:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            stubs[pid] = [a for a in args if a.startswith(SHM_REGION_PREFIX)]
     return stubs
 
 
@@ -212,14 +201,17 @@ def test_kill_9_of_the_server_under_serve_leaves_no_stub_and_no_shared_memory(tm
     _build_repository(tmp_path / "repository")
     found: dict[int, list[str]] = {}
 
+    seen_pid: list[int] = []
+
     def kill_9(running: TritonServer) -> None:
         assert running.pid is not None
+        seen_pid.append(running.pid)
         found.update(_stubs(running.pid))
         os.kill(running.pid, signal.SIGKILL)
 
     assert serve(_config(tmp_path / "repository", tmp_path), ready_callback=kill_9) == -signal.SIGKILL
     assert len(found) == 2 and all(regions for regions in found.values())  # one stub per model instance
-    assert not [pid for pid in found if _is_alive(pid)]
+    assert not group_members(seen_pid[0])  # no live process is left of the server's group (zombies hold nothing)
     regions = {r for rs in found.values() for r in rs}
     assert not [r for r in regions if (Path("/dev/shm") / r).exists()]
 
