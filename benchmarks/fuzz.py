@@ -20,7 +20,7 @@ from genrec.builders import handlers as h
 from genrec.client import protocol
 
 Request = dict[str, np.ndarray]  # tensor name -> array with its batch dimension
-MODELS = (protocol.RECOMMEND, protocol.RANK, protocol.RETRIEVE, "user_encoder", "item_retrieval",
+MODELS = (protocol.RECOMMEND, protocol.RANK, protocol.RETRIEVE, "recommender", "user_encoder", "item_retrieval",
           "candidate_scorer", "top_n")
 EXTREME_FLOATS = (np.nan, np.inf, -np.inf, 3e38, -0.0)
 
@@ -53,14 +53,16 @@ def valid_requests(url: str, history: list[int], candidates: list[int]) -> dict[
         protocol.HISTORY_ACTIONS: np.zeros((1, n), np.int64),
     }
     top = {protocol.K: np.array([[5]], np.int32), protocol.EXCLUDE_SEEN: np.array([[True]])}
+    user = {protocol.USER_ID: np.array([[b"fuzz-user"]], dtype=np.object_)}
     ids = np.array([candidates], np.int64)
     with grpcclient.InferenceServerClient(url) as client:
         encoded = _infer(client, "user_encoder", base, 30.0)
         cache = {name: encoded.as_numpy(name) for name in (h.USER_EMBEDDING, h.KV_KEYS, h.KV_VALUES, h.KV_TIMESTAMPS)}
     return {
-        protocol.RECOMMEND: {**base, **top},
+        protocol.RECOMMEND: {**base, **top, **user},
         protocol.RETRIEVE: {**base, **top},
-        protocol.RANK: {**base, protocol.CANDIDATE_ITEM_IDS: ids},
+        protocol.RANK: {**base, protocol.CANDIDATE_ITEM_IDS: ids, **user},
+        "recommender": {**base, **top, **user},
         "user_encoder": base,
         "item_retrieval": {h.USER_EMBEDDING: cache[h.USER_EMBEDDING], protocol.HISTORY_ITEM_IDS: base[protocol.HISTORY_ITEM_IDS],
                            protocol.EXCLUDE_SEEN: top[protocol.EXCLUDE_SEEN]},
@@ -81,6 +83,8 @@ def _values(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     elif out.dtype.kind in "iu":
         info = np.iinfo(out.dtype)  # the type's extremes, -1, 0, an id far beyond any catalogue
         pool = np.array([info.min, info.max, max(info.min, -1), 0, min(info.max, 10**12)], out.dtype)
+    elif out.dtype.kind == "O":  # BYTES (user ids): empty, too long, not UTF-8
+        pool = np.array([b"", b"x" * 10_000, b"\xff\xfe", b"\x00"], dtype=np.object_)
     else:
         pool = np.array([False, True])
     flat[at] = pool[rng.integers(0, len(pool), size=len(at))]
@@ -89,6 +93,8 @@ def _values(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _dtype(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     choices = [np.float32, np.int32, np.int64, np.float64, np.bool_]
+    if array.dtype.kind == "O":  # BYTES sent as numbers
+        return np.zeros(array.shape, choices[int(rng.integers(len(choices)))])
     other = [d for d in choices if np.dtype(d) != array.dtype]
     with np.errstate(invalid="ignore"):  # NaN or inf cast to an integer: whatever it becomes is sent
         return array.astype(other[int(rng.integers(len(other)))])

@@ -6,7 +6,7 @@
 Against a real tritonserver serving a paper-preset HSTU trained briefly on MovieLens-100K (`genrec serve`
 defaults, explicit model control for the rollout). Writes benchmarks/results/reliability.md (+ .json):
 
-1. fuzz: seeded malformed requests to all seven models (`genrec.benchmarks.fuzz`), counted by status;
+1. fuzz: seeded malformed requests to all eight models (`genrec.benchmarks.fuzz`), counted by status;
 2. soak: `recommend` at concurrency 8 for the soak's length: failures, p50/p99, and the resident memory of
    tritonserver and of each Python stub, mean of the first minute vs the last (growth %);
 3. kill -9 of tritonserver under load: requests that neither succeeded nor got a clear error (lost), then
@@ -108,7 +108,7 @@ class Load:
             t.join()
 
 
-def _rss_mb(pgid: int) -> dict[str, float]:
+def rss_mb_by_process(pgid: int) -> dict[str, float]:
     """Resident memory of each process of the server's group: 'tritonserver' and the stubs by model."""
     out = {}
     for pid in group_members(pgid):
@@ -176,7 +176,7 @@ def run(cfg: ReliabilityConfig) -> dict:
         threads = load.run(cfg.soak_concurrency)
         start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < cfg.soak_s:
-            samples.append((elapsed, _rss_mb(server.pid)))
+            samples.append((elapsed, rss_mb_by_process(server.pid)))
             time.sleep(min(5.0, cfg.soak_s / 20))
             print(f"soak {elapsed:5.0f}/{cfg.soak_s:.0f} s: {len(load.latencies_s)} answers", flush=True)
         load.finish(threads)
@@ -292,7 +292,7 @@ def report(results: dict, cfg: ReliabilityConfig) -> None:
     print_table("Reliability", ["check", "measured", "target"], headline)
     sections = [
         Section("Fuzz", ["status", "requests"], sorted(fz["statuses"].items()),
-                f"Seeded malformed requests (seed {cfg.seed}) round-robin over all seven models; the canonical "
+                f"Seeded malformed requests (seed {cfg.seed}) round-robin over all eight models; the canonical "
                 f"answer unchanged afterwards: {fz['canonical_unchanged']}."),
         Section("Soak", ["process", "first MB", "last MB", "growth %"],
                 [(n, m["first_mb"], m["last_mb"], m["growth_pct"]) for n, m in soak["memory"].items()],

@@ -1,12 +1,18 @@
 """checkpoint -> a complete, versioned Triton model repository, in one call.
 
+    recommender/       recommend and rank fused, with the per-user K/V cache       (Python backend)
     user_encoder/      prefill: history -> user embedding + per-layer K/V          (Python backend)
     item_retrieval/    user embedding -> top `retrieve_k` items                    (Python backend)
     candidate_scorer/  K/V + candidates -> scores                                  (Python backend)
     top_n/             candidates + scores + k -> the k best                       (Python backend)
-    recommend/         ensemble: user_encoder -> item_retrieval -> candidate_scorer -> top_n
-    rank/              ensemble: user_encoder -> candidate_scorer (caller's candidates)
+    recommend/         ensemble: recommender (retrieve, re-rank, top k)
+    rank/              ensemble: recommender (the caller's candidates)
     retrieve/          ensemble: user_encoder -> item_retrieval -> top_n
+
+`user_encoder`, `item_retrieval`, `candidate_scorer` and `top_n` stay public for callers who want the steps
+separately. `recommend` and `rank` run in one model so that the K/V never crosses a process boundary
+(through the Python backend's shared memory it cost more than the scoring it fed) and the user cache has one
+owner: with the cache on, `recommender` has exactly one instance.
 
 Every build writes version N+1 of every model; its ensembles pin their steps to version N+1, and the
 composing models keep their two newest versions, so `genrec rollout` moves a running server to the new build
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from genrec.builders import handlers as h
-from genrec.builders.limits import Limits
+from genrec.builders.limits import DEFAULT_USER_CACHE_MB, Limits
 from genrec.builders.model_config import (
     DynamicBatching,
     EnsembleSpec,
@@ -45,7 +51,7 @@ from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.retrieval import FaissConfig, build_faiss_index, save_index
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "metrics.json")
-COMPOSING = ("user_encoder", "item_retrieval", "candidate_scorer", "top_n")
+COMPOSING = ("recommender", "user_encoder", "item_retrieval", "candidate_scorer", "top_n")
 KEEP_VERSIONS = 2  # loaded versions of each composing model: the serving build and the one rolling in
 
 
@@ -63,9 +69,32 @@ class BuildConfig:
     faiss: Literal["none", "ivf", "hnsw"] = "none"
     max_history_events: int = Limits.max_history_events  # per request, before truncation to max_len
     max_candidates: int = Limits.max_candidates  # per rank request
+    # The user cache's budget; None: DEFAULT_USER_CACHE_MB with the torch runtime, off (0) with the others,
+    # whose exported graphs cannot append events.
+    user_cache_mb: float | None = None
+    user_cache_ttl_s: float = 0.0  # forget a user this long after their last request; 0 = only LRU eviction
+    # Histories beyond max_len lose their oldest events in blocks of this many (see window_start);
+    # None: max_len // 8, so a cached user is recomputed once per that many new events.
+    window_block: int | None = None
+    threads: int = 0  # torch threads per served model process; 0 = torch's default (one per core)
 
     def __post_init__(self) -> None:
         self.limits  # noqa: B018  (building the limits checks them: a bad value fails before any work)
+        if self.user_cache_mb is not None and self.user_cache_mb > 0 and self.runtime != "torch":
+            raise ValueError(f"the user cache needs runtime='torch' (got {self.runtime!r}): set user_cache_mb=0")
+        if (self.user_cache_mb or 0) < 0 or self.user_cache_ttl_s < 0 or self.threads < 0:
+            raise ValueError("user_cache_mb, user_cache_ttl_s and threads must be >= 0")
+        if self.window_block is not None and self.window_block < 1:
+            raise ValueError(f"window_block must be >= 1, got {self.window_block}")
+
+    @property
+    def cache_mb(self) -> float:
+        if self.user_cache_mb is not None:
+            return self.user_cache_mb
+        return DEFAULT_USER_CACHE_MB if self.runtime == "torch" else 0.0
+
+    def block(self, max_len: int) -> int:
+        return self.window_block if self.window_block is not None else max(1, max_len // 8)
 
     @property
     def limits(self) -> Limits:
@@ -105,13 +134,14 @@ def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[Mo
     instance_kind = "KIND_GPU" if build.device.startswith("cuda") else "KIND_CPU"
     groups = (InstanceGroup(build.instances, instance_kind),)
     runtime = build.runtime
-    limits = build.limits.as_parameters()
+    common = {**build.limits.as_parameters(), "window_block": str(build.block(config.max_len)),
+              "threads": str(build.threads)}
 
     def python_model(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], **params: str) -> ModelSpec:
         return ModelSpec(
             name=name, inputs=inputs, outputs=outputs, max_batch_size=build.max_batch_size,
             dynamic_batching=batching, instance_groups=groups, version_policy_latest=KEEP_VERSIONS,
-            parameters={"handler": name, "runtime": runtime, "device": build.device, **limits, **params},
+            parameters={"handler": name, "runtime": runtime, "device": build.device, **common, **params},
         )
 
     cache = _cache_tensors(config)
@@ -120,11 +150,10 @@ def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[Mo
     retrieved = (_ragged(h.RETRIEVED_ITEM_IDS, "INT64", (-1,)), _ragged(h.RETRIEVED_SCORES, "FP32", (-1,)))
     k, exclude = (_scalar_input(t) for t in protocol.TOP_K_INPUTS)
     candidate_ids = _ragged(protocol.CANDIDATE_ITEM_IDS, "INT64", (-1,))
-    # k and the candidates are optional encoder inputs only so that a request over a limit costs no prefill.
-    limit_inputs = (TensorSpec(k.name, k.dtype, k.dims, optional=True),
-                    TensorSpec(candidate_ids.name, candidate_ids.dtype, candidate_ids.dims,
-                               allow_ragged_batch=True, optional=True))
-    encoder = python_model("user_encoder", _history_inputs() + limit_inputs,
+    # Optional for the encoder only so that a request over a limit costs no prefill; the recommender serves
+    # recommend (k, exclude_seen) and rank (the candidates), each with an optional user id.
+    optional_k, optional_exclude, optional_candidates = (replace(t, optional=True) for t in (k, exclude, candidate_ids))
+    encoder = python_model("user_encoder", _history_inputs() + (optional_k, optional_candidates),
                            outputs_as_inputs + tuple(tensor_from_protocol(t) for t in report))
     retrieval = python_model(
         "item_retrieval",
@@ -141,15 +170,24 @@ def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[Mo
         (retrieved[0], _ragged(h.CANDIDATE_SCORES, "FP32", (-1,)), k),
         (TensorSpec(protocol.ITEM_IDS, "INT64", (-1,)), TensorSpec(protocol.SCORES, "FP32", (-1,))),
     )
+    recommender = replace(
+        python_model(
+            "recommender",
+            _history_inputs() + (optional_k, optional_exclude, optional_candidates,
+                                 tensor_from_protocol(protocol.USER_ID_INPUT)),
+            tuple(tensor_from_protocol(t) for t in protocol.ENDPOINTS[protocol.RECOMMEND].outputs),
+            user_cache_mb=str(build.cache_mb), user_cache_ttl_s=str(build.user_cache_ttl_s),
+        ),
+        # One instance owns the cache; it computes one user at a time, so waiting for company buys nothing:
+        # its batch is whatever queued while the last one ran.
+        instance_groups=(InstanceGroup(1 if build.cache_mb else build.instances, instance_kind),),
+        dynamic_batching=DynamicBatching(0) if build.dynamic_batching else None,
+    )
     history = {t.name: t.name for t in protocol.HISTORY_INPUTS}
-    cache_map = {t.name: t.name for t in cache}
     report_map = {t.name: t.name for t in report}
     # An ensemble must consume every tensor its steps map, so each one maps only what it uses.
-    with_k = {**history, protocol.K: protocol.K}
-    encode_step = EnsembleStep("user_encoder", with_k, {**cache_map, **report_map})
-    encode_user_only = EnsembleStep("user_encoder", with_k, {h.USER_EMBEDDING: h.USER_EMBEDDING, **report_map})
-    encode_for_rank = EnsembleStep("user_encoder", {**history, protocol.CANDIDATE_ITEM_IDS: protocol.CANDIDATE_ITEM_IDS},
-                                   {**cache_map, **report_map})
+    encode_user_only = EnsembleStep("user_encoder", {**history, protocol.K: protocol.K},
+                                    {h.USER_EMBEDDING: h.USER_EMBEDDING, **report_map})
 
     def ensemble(name: str, steps: tuple[EnsembleStep, ...]) -> EnsembleSpec:
         endpoint = protocol.ENDPOINTS[name]
@@ -161,22 +199,18 @@ def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[Mo
             steps=tuple(replace(step, model_version=version) for step in steps),
         )
 
-    retrieval_inputs = {h.USER_EMBEDDING: h.USER_EMBEDDING, protocol.HISTORY_ITEM_IDS: protocol.HISTORY_ITEM_IDS,
-                        protocol.EXCLUDE_SEEN: protocol.EXCLUDE_SEEN}
-    retrieve_ids = EnsembleStep("item_retrieval", retrieval_inputs, {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS})
     retrieve_step = EnsembleStep(
-        "item_retrieval", retrieval_inputs,
+        "item_retrieval",
+        {h.USER_EMBEDDING: h.USER_EMBEDDING, protocol.HISTORY_ITEM_IDS: protocol.HISTORY_ITEM_IDS,
+         protocol.EXCLUDE_SEEN: protocol.EXCLUDE_SEEN},
         {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS, h.RETRIEVED_SCORES: h.RETRIEVED_SCORES},
     )
-    recommend = ensemble(protocol.RECOMMEND, (
-        encode_step,
-        retrieve_ids,
-        EnsembleStep("candidate_scorer", {**cache_map, protocol.CANDIDATE_ITEM_IDS: h.RETRIEVED_ITEM_IDS},
-                     {protocol.SCORES: h.CANDIDATE_SCORES}),
-        EnsembleStep("top_n", {h.RETRIEVED_ITEM_IDS: h.RETRIEVED_ITEM_IDS, h.CANDIDATE_SCORES: h.CANDIDATE_SCORES,
-                               protocol.K: protocol.K},
-                     {protocol.ITEM_IDS: protocol.ITEM_IDS, protocol.SCORES: protocol.SCORES}),
-    ))
+
+    def fused(endpoint: str) -> EnsembleStep:
+        names = protocol.ENDPOINTS[endpoint]
+        return EnsembleStep("recommender", {t.name: t.name for t in names.inputs}, {t.name: t.name for t in names.outputs})
+
+    recommend = ensemble(protocol.RECOMMEND, (fused(protocol.RECOMMEND),))
     retrieve = ensemble(protocol.RETRIEVE, (
         encode_user_only,
         retrieve_step,
@@ -184,12 +218,8 @@ def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[Mo
                                protocol.K: protocol.K},
                      {protocol.ITEM_IDS: protocol.ITEM_IDS, protocol.SCORES: protocol.SCORES}),
     ))
-    rank = ensemble(protocol.RANK, (
-        encode_for_rank,
-        EnsembleStep("candidate_scorer", {**cache_map, protocol.CANDIDATE_ITEM_IDS: protocol.CANDIDATE_ITEM_IDS},
-                     {protocol.SCORES: protocol.SCORES}),
-    ))
-    return [encoder, retrieval, scorer, top_n, recommend, rank, retrieve]
+    rank = ensemble(protocol.RANK, (fused(protocol.RANK),))
+    return [recommender, encoder, retrieval, scorer, top_n, recommend, rank, retrieve]
 
 
 def next_version(repository: Path) -> int:

@@ -8,6 +8,9 @@ response. One request is one user; every array has a leading batch dimension of 
     item_retrieval    user embedding -> the `retrieve_k` best items (history optionally excluded)
     candidate_scorer  K/V + user embedding + candidate ids -> one score per candidate
     top_n             candidates + scores + k -> the k best, ordered
+    recommender       recommend and rank fused in one model: history (+ user id) -> the k best, or the
+                      caller's candidates' scores; with a user id, the user's K/V is kept (`UserCache`)
+                      and a returning user's appended events are all that is computed
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import numpy as np
 import torch
 
 from genrec.builders.limits import Limits, RequestError
-from genrec.builders.runtimes import Runtime, TorchRuntime
+from genrec.builders.runtimes import Runtime, Stateless, TorchRuntime, UserRuntime, UserState
+from genrec.builders.user_cache import RawHistory, UserCache
 from genrec.client import protocol, validate
 from genrec.training.batch import length_groups
 from genrec.training.checkpoint import CheckpointMeta, load_meta
+from genrec.training.pipeline import window_start
 from genrec.training.retrieval import faiss_top_k, load_index, top_k
 from genrec.training.sequences import Vocabulary, action_ids
 
@@ -105,19 +110,25 @@ class Catalogue:
 
 @dataclass(frozen=True)
 class History:
+    """The served window of one user's history, and what it came from."""
+
     items: np.ndarray  # (L,) dense
     timestamps: np.ndarray  # (L,)
     actions: np.ndarray  # (L,) action ids
     num_unknown: int
-    num_truncated: int
+    num_truncated: int  # = the window's start among the known events
+    raw: RawHistory  # as sent
+    seen: np.ndarray  # (N,) dense ids of the whole history, 0 where unknown
 
 
 DEFAULT_LIMITS = Limits()
 
 
-def parse_history(request: Request, catalogue: Catalogue, max_len: int, limits: Limits = DEFAULT_LIMITS) -> History:
+def parse_history(
+    request: Request, catalogue: Catalogue, max_len: int, limits: Limits = DEFAULT_LIMITS, block: int = 1
+) -> History:
     """Validate one user's history (contract 5). Unknown ids are dropped and counted; a history longer
-    than the model's maximum keeps its most recent `max_len` events and counts the rest."""
+    than the model's maximum loses its oldest events in blocks of `block` (`window_start`), counted."""
     items = _row(request, protocol.HISTORY_ITEM_IDS, np.int64)
     timestamps = _row(request, protocol.HISTORY_TIMESTAMPS, np.int64)
     ratings = _row(request, protocol.HISTORY_ACTIONS, np.int64)
@@ -133,13 +144,17 @@ def parse_history(request: Request, catalogue: Catalogue, max_len: int, limits: 
     dense, known = catalogue.vocab.to_dense(items)
     if not known.any():
         raise RequestError(f"none of the {len(items)} history item ids is known to the model: {_examples(items)}")
-    keep = np.flatnonzero(known)[-max_len:]
+    known_at = np.flatnonzero(known)
+    start = window_start(len(known_at), max_len, block)
+    keep = known_at[start:]
     return History(
         items=dense[keep],
         timestamps=timestamps[keep],
         actions=catalogue.actions(ratings[keep]),
         num_unknown=int((~known).sum()),
-        num_truncated=int(known.sum()) - len(keep),
+        num_truncated=start,
+        raw=RawHistory(items, timestamps, ratings),
+        seen=dense,
     )
 
 
@@ -181,15 +196,15 @@ class UserEncoder:
     """The first step of every ensemble, so it also checks the limits of the steps after it: `k` and the
     number of candidates arrive here as optional inputs, and a request over a limit costs no prefill."""
 
-    def __init__(self, runtime: Runtime, catalogue: Catalogue, max_len: int, limits: Limits) -> None:
-        self.runtime, self.catalogue, self.max_len, self.limits = runtime, catalogue, max_len, limits
+    def __init__(self, runtime: Runtime, catalogue: Catalogue, max_len: int, limits: Limits, block: int = 1) -> None:
+        self.runtime, self.catalogue, self.max_len, self.limits, self.block = runtime, catalogue, max_len, limits, block
 
     def _parse(self, request: Request) -> History:
         if protocol.K in request:
             self.limits.check_k(_scalar(request, protocol.K))
         if protocol.CANDIDATE_ITEM_IDS in request:
             self.limits.check_candidates(len(_row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)))
-        return parse_history(request, self.catalogue, self.max_len, self.limits)
+        return parse_history(request, self.catalogue, self.max_len, self.limits, self.block)
 
     def execute(self, requests: list[Request]) -> list[Result]:
         return _run_valid(requests, self._parse, self._encode)
@@ -287,27 +302,28 @@ class ItemRetrieval:
     def execute(self, requests: list[Request]) -> list[Result]:
         return _run_valid(requests, self._parse, self._retrieve)
 
+    def search(self, users: np.ndarray, exclude: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Users (B, D), each one's dense ids to leave out -> per user, the best dense ids and their scores:
+        fewer than `retrieve_k` for a user who has seen nearly every item (or from FAISS)."""
+        padded, _ = _pad(exclude)
+        if self.index is None:
+            found = top_k(torch.from_numpy(users), self.table, self.depth, torch.from_numpy(padded))
+            ids, scores = found[0].numpy(), found[1].numpy()
+        else:
+            ids, scores = faiss_top_k(self.index, users, self.depth, padded)
+        return [(ids[b][ids[b] > 0], scores[b][ids[b] > 0]) for b in range(len(users))]
+
     def _retrieve(self, parsed: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        users = np.stack([p[0] for p in parsed])
-        exclude, _ = _pad([p[1] for p in parsed])
-        try:
-            if self.index is None:
-                found = top_k(torch.from_numpy(users), self.table, self.depth, torch.from_numpy(exclude))
-                ids, scores = found[0].numpy(), found[1].numpy()
-            else:
-                ids, scores = faiss_top_k(self.index, users, self.depth, exclude)
-        except ValueError as error:
-            raise RequestError(str(error)) from error
         results: list[dict[str, np.ndarray]] = []
-        for b in range(len(parsed)):
-            found_ids = ids[b][ids[b] > 0]  # fewer than asked: a user who has seen nearly every item, or FAISS
-            raw = self.catalogue.vocab.to_raw(found_ids).astype(np.int64)
-            results.append({RETRIEVED_ITEM_IDS: raw[None], RETRIEVED_SCORES: scores[b][: len(found_ids)][None]})
+        for ids, scores in self.search(np.stack([p[0] for p in parsed]), [p[1] for p in parsed]):
+            raw = self.catalogue.vocab.to_raw(ids).astype(np.int64)
+            results.append({RETRIEVED_ITEM_IDS: raw[None], RETRIEVED_SCORES: scores[None]})
         return results
 
 
 class TopN:
-    """The k best candidates by score; ties keep the candidates' order (retrieval's)."""
+    """The k best candidates by score; ties keep the candidates' order (retrieval's). Fewer than k
+    candidates (a user who has seen nearly every item) give all of them: a valid, shorter answer."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -322,18 +338,118 @@ class TopN:
         if len(scores) != len(ids):
             raise RequestError(f"'{CANDIDATE_SCORES}' has {len(scores)} values for {len(ids)} '{RETRIEVED_ITEM_IDS}'")
         _require_finite(scores, CANDIDATE_SCORES)
-        if k > len(ids):
-            raise RequestError(f"'{protocol.K}'={k} exceeds the {len(ids)} candidates retrieved for this user (at "
-                               "most the repository's --retrieve-k; fewer when the user has seen nearly every item)")
         return ids, scores, k
 
     def execute(self, requests: list[Request]) -> list[Result]:
-        return _run_valid(requests, self._parse, lambda parsed: [self._top(*p) for p in parsed])
+        return _run_valid(requests, self._parse, lambda parsed: [self.top(*p) for p in parsed])
 
     @staticmethod
-    def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    def top(ids: np.ndarray, scores: np.ndarray, k: int) -> dict[str, np.ndarray]:
         order = np.argsort(-scores, kind="stable")[:k]
         return {protocol.ITEM_IDS: ids[order][None], protocol.SCORES: scores[order][None]}
+
+
+def _user_id(request: Request) -> bytes | None:
+    if protocol.USER_ID not in request:
+        return None
+    value = _input(request, protocol.USER_ID)
+    if value.shape != (1, 1):
+        raise RequestError(f"'{protocol.USER_ID}' must have shape [1, 1], got {list(value.shape)}")
+    user_id = value[0, 0]
+    user_id = user_id.encode() if isinstance(user_id, str) else user_id
+    if not isinstance(user_id, bytes) or not 0 < len(user_id) <= protocol.MAX_USER_ID_BYTES:
+        raise RequestError(f"'{protocol.USER_ID}' must be 1 to {protocol.MAX_USER_ID_BYTES} bytes")
+    return user_id
+
+
+@dataclass(frozen=True)
+class UserRequest:
+    """One parsed `recommend` (``k`` set) or `rank` (``candidates`` set) request."""
+
+    history: History
+    user_id: bytes | None
+    k: int | None
+    exclude_seen: bool
+    candidates: np.ndarray | None  # dense ids
+    candidate_ids: np.ndarray | None  # as sent
+
+
+class Recommender:
+    """`recommend` and `rank` in one model, so the K/V never leaves the process that computed it.
+
+    With a ``cache``, a request that names its user reuses the K/V of that user's last history when the new
+    one extends it, computing only the appended events; anything else is recomputed and replaces the entry.
+    The cached answer equals the uncached one: both read the same window (`window_start`).
+    """
+
+    def __init__(self, runtime: UserRuntime, retrieval: ItemRetrieval, catalogue: Catalogue, max_len: int,
+                 block: int, limits: Limits, cache: UserCache | None) -> None:
+        if cache is not None and not runtime.can_extend:
+            raise ValueError("the user cache needs a runtime that can append events (runtime='torch')")
+        self.runtime, self.retrieval, self.catalogue = runtime, retrieval, catalogue
+        self.max_len, self.block, self.limits, self.cache = max_len, block, limits, cache
+
+    def _parse(self, request: Request) -> UserRequest:
+        candidates = candidate_ids = k = None
+        if protocol.CANDIDATE_ITEM_IDS in request:
+            candidate_ids = _row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
+            if len(candidate_ids) == 0:
+                raise RequestError(f"'{protocol.CANDIDATE_ITEM_IDS}' is empty")
+            self.limits.check_candidates(len(candidate_ids))
+            candidates = self.catalogue.known_candidates(candidate_ids, f"'{protocol.CANDIDATE_ITEM_IDS}'")
+        elif protocol.K in request:
+            k = _scalar(request, protocol.K)
+            self.limits.check_k(k)
+        else:
+            raise RequestError(f"give '{protocol.K}' (recommend) or '{protocol.CANDIDATE_ITEM_IDS}' (rank)")
+        exclude = bool(_scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
+        user_id = _user_id(request)
+        history = parse_history(request, self.catalogue, self.max_len, self.limits, self.block)
+        return UserRequest(history, user_id, k, exclude, candidates, candidate_ids)
+
+    def execute(self, requests: list[Request]) -> list[Result]:
+        return _run_valid(requests, self._parse, self._serve)
+
+    def _serve(self, parsed: list[UserRequest]) -> list[dict[str, np.ndarray]]:
+        states = [self._state(p) for p in parsed]
+        recommend = [i for i, p in enumerate(parsed) if p.candidates is None]
+        retrieved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if recommend:  # one search for the batch's recommend requests
+            users = np.stack([states[i][0].user for i in recommend])
+            exclude = [parsed[i].history.seen if parsed[i].exclude_seen else np.zeros(1, np.int64) for i in recommend]
+            retrieved = dict(zip(recommend, self.retrieval.search(users, exclude), strict=True))
+        results = []
+        for i, (p, (state, cached)) in enumerate(zip(parsed, states, strict=True)):
+            report = {
+                protocol.NUM_UNKNOWN: np.array([[p.history.num_unknown]], np.int32),
+                protocol.NUM_TRUNCATED: np.array([[p.history.num_truncated]], np.int32),
+                protocol.CACHED_EVENTS: np.array([[cached]], np.int32),
+            }
+            if p.candidates is not None:
+                scores = self.runtime.score_state(state, p.candidates)
+                results.append({protocol.SCORES: scores[None], **report})
+                continue
+            ids = retrieved[i][0]
+            scores = self.runtime.score_state(state, ids) if len(ids) else np.zeros(0, np.float32)
+            raw = self.catalogue.vocab.to_raw(ids).astype(np.int64)
+            assert p.k is not None
+            results.append({**TopN.top(raw, scores, p.k), **report})
+        return results
+
+    def _state(self, p: UserRequest) -> tuple[UserState, int]:
+        """The user's state and how many of its events came from the cache."""
+        h = p.history
+        if p.user_id is None or self.cache is None:
+            return self.runtime.encode(h.items, h.timestamps, h.actions), 0
+        entry = self.cache.lookup(p.user_id, h.raw, h.num_truncated).entry
+        if entry is None:
+            state, cached = self.runtime.encode(h.items, h.timestamps, h.actions), 0
+        else:
+            cached, new = entry.num_events, slice(entry.num_events, None)
+            state = entry.state if cached == len(h.items) else self.runtime.extend(
+                entry.state, h.items[new], h.timestamps[new], h.actions[new])
+        self.cache.store(p.user_id, h.raw, h.num_truncated, len(h.items), state, appended=len(h.items) - cached)
+        return state, cached
 
 
 def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Handler:
@@ -342,16 +458,27 @@ def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Ha
     catalogue = Catalogue.from_meta(meta)
     config = meta.model_config
     limits = Limits.from_parameters(parameters)
+    threads = int(parameters.get("threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
     if kind == "top_n":
         return TopN(limits)
-    if kind == "item_retrieval":
+    max_len, block = int(config["max_len"]), int(parameters.get("window_block", 1))
+    if kind in ("item_retrieval", "recommender"):
         table = np.load(version_dir / "item_table.npy")
         index_path = version_dir / "item_index.faiss"
         index = load_index(index_path) if index_path.exists() else None
-        return ItemRetrieval(table, catalogue, limits, index)
+        retrieval = ItemRetrieval(table, catalogue, limits, index)
+        if kind == "item_retrieval":
+            return retrieval
     runtime = _runtime(version_dir, parameters)
+    if kind == "recommender":
+        cache_bytes = int(float(parameters.get("user_cache_mb", 0)) * 2**20)
+        cache = UserCache(cache_bytes, float(parameters.get("user_cache_ttl_s", 0))) if cache_bytes else None
+        user_runtime = runtime if isinstance(runtime, TorchRuntime) else Stateless(runtime)
+        return Recommender(user_runtime, retrieval, catalogue, max_len, block, limits, cache)
     if kind == "user_encoder":
-        return UserEncoder(runtime, catalogue, int(config["max_len"]), limits)
+        return UserEncoder(runtime, catalogue, max_len, limits, block)
     if kind == "candidate_scorer":
         shape = (config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"])
         return CandidateScorer(runtime, catalogue, shape, limits)

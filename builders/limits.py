@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from genrec.client import protocol
 
 _FIELDS = ("max_history_events", "max_candidates", "max_k")
+# The user cache's default budget (torch runtime): a laptop's share, ~40 users of 1,000 events at the
+# reference size (README, "Sizing the user cache").
+DEFAULT_USER_CACHE_MB = 256.0
 
 
 class RequestError(ValueError):

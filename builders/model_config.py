@@ -105,7 +105,7 @@ def tensor_from_protocol(
     t: protocol.Tensor, *, allow_ragged_batch: bool = False, optional: bool = False
 ) -> TensorSpec:
     """The served API's tensor as a config tensor, so configs and client share one definition."""
-    return TensorSpec(t.name, t.dtype, t.dims, allow_ragged_batch=allow_ragged_batch, optional=optional)
+    return TensorSpec(t.name, t.dtype, t.dims, allow_ragged_batch=allow_ragged_batch, optional=optional or t.optional)
 
 
 def _model_input(t: TensorSpec) -> model_config_pb2.ModelInput:

@@ -1,14 +1,17 @@
 """The numeric core of the served models, behind one interface per runtime (torch, onnx).
 
 Served models (``genrec.builders.handlers``) do validation, id mapping and batching in numpy and call a
-Runtime for the maths, so every runtime serves exactly the same pipeline.
+Runtime for the maths, so every runtime serves exactly the same pipeline. A `UserRuntime` serves the fused
+`recommender` one user at a time and keeps a `UserState` that can be extended by appended events (only the
+torch runtime can: the exported graphs have no append path); `Stateless` gives any Runtime that interface
+without the append.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -46,6 +49,53 @@ class Runtime(Protocol):
         ...
 
 
+@dataclass
+class UserState:
+    """One user's encoded history: what the user cache keeps. ``cache`` is the runtime's own K/V (torch
+    tensors with room to append, or a `Prefilled` for a stateless runtime)."""
+
+    cache: object
+    user: np.ndarray  # (D,) float32
+    nbytes: int  # memory held, as allocated
+
+
+class UserRuntime(Protocol):
+    can_extend: bool
+
+    def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+        """One user's events (N,) dense ids -> its state."""
+        ...
+
+    def extend(self, state: UserState, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+        """The state after appending events (N,): only the new events are computed."""
+        ...
+
+    def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
+        """Candidates (C,) dense ids -> (C,) served scores."""
+        ...
+
+
+class Stateless:
+    """`UserRuntime` over any `Runtime`: each request prefills its whole history (no append)."""
+
+    can_extend = False
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+        out = self.runtime.prefill(items[None], timestamps[None], actions[None], np.array([len(items)]))
+        return UserState((out, timestamps[None]), out.user[0], out.keys.nbytes + out.values.nbytes)
+
+    def extend(self, state: UserState, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+        raise NotImplementedError("this runtime cannot append to a user's K/V; serve with runtime='torch'")
+
+    def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
+        out, timestamps = cast(tuple[Prefilled, np.ndarray], state.cache)
+        lengths = np.array([timestamps.shape[1]])
+        return self.runtime.score(out.keys, out.values, timestamps, lengths, out.user, candidates[None])[0]
+
+
 class TorchRuntime:
     """The reference runtime: the checkpoint's PyTorch modules, CPU or CUDA."""
 
@@ -78,3 +128,34 @@ class TorchRuntime:
         cache = KVCache(self._tensor(keys), self._tensor(values), self._tensor(timestamps), self._tensor(lengths))
         logits = self.model.score_candidates(cache, self._tensor(user), self._tensor(candidates))
         return logits[..., 0].float().cpu().numpy()
+
+    # -- UserRuntime: one user, K/V kept as torch tensors with room to append -----------------------------
+
+    can_extend = True
+
+    def _batch(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> SequenceBatch:
+        lengths = np.array([len(items)], np.int64)
+        return SequenceBatch(self._tensor(items[None]), self._tensor(timestamps[None]), self._tensor(actions[None]),
+                             self._tensor(lengths))
+
+    def _state(self, cache: KVCache, user: torch.Tensor) -> UserState:
+        held = cache.arena if cache.arena is not None else cache
+        nbytes = sum(t.element_size() * t.nelement() for t in (held.keys, held.values, held.timestamps))
+        return UserState(cache, user[0].float().cpu().numpy(), nbytes)
+
+    @torch.inference_mode()
+    def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+        return self._state(*self.model.prefill(self._batch(items, timestamps, actions)))
+
+    @torch.inference_mode()
+    def extend(self, state: UserState, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+        cache = state.cache
+        assert isinstance(cache, KVCache)
+        return self._state(*self.model.prefill(self._batch(items, timestamps, actions), cache))
+
+    @torch.inference_mode()
+    def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
+        cache = state.cache
+        assert isinstance(cache, KVCache)
+        user = self._tensor(state.user[None])
+        return self.model.score_candidates(cache, user, self._tensor(candidates[None]))[0, :, 0].float().cpu().numpy()

@@ -15,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from genrec.builders.handlers import load_handler
+from genrec.builders.user_cache import INVALIDATIONS, UserCache
 from genrec.client import protocol
 
 # Prometheus histogram buckets: history events per request, candidates per request.
@@ -34,7 +35,7 @@ class Metrics:
             events := pb_utils.MetricFamily("genrec_history_events", "history events per request", histogram),
             candidates := pb_utils.MetricFamily("genrec_candidates", "candidates per request", histogram),
         ]  # a family must outlive its metrics
-        labels = {"model": model}
+        self.labels = labels = {"model": model}
         self.requests = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
         self.unknown, self.truncated = unknown.Metric(labels=labels), truncated.Metric(labels=labels)
         self.events = events.Metric(labels=labels, buckets=SIZE_BUCKETS)
@@ -46,10 +47,53 @@ class Metrics:
         if protocol.CANDIDATE_ITEM_IDS in request:
             self.candidates.observe(float(request[protocol.CANDIDATE_ITEM_IDS].shape[-1]))
 
+    def observe_cache(self, cache: UserCache) -> None:
+        """The user cache's counters and gauges, as of now."""
+        if not hasattr(self, "_cache"):
+            self._cache = CacheMetrics(self._families, self.labels)
+        self._cache.observe(cache)
+
     def observe_result(self, result: dict[str, np.ndarray]) -> None:
         if protocol.NUM_UNKNOWN in result:
             self.unknown.increment(float(result[protocol.NUM_UNKNOWN].sum()))
             self.truncated.increment(float(result[protocol.NUM_TRUNCATED].sum()))
+
+
+class CacheMetrics:
+    """genrec_user_cache_* series: Prometheus counters only go up, so each is incremented by what changed."""
+
+    COUNTERS = {"hits": "requests whose history extended the cached one", "misses": "named users not cached",
+                "events_appended": "events computed on top of a cached history",
+                "evictions": "users dropped to stay in the budget", "too_large": "users bigger than the budget"}
+
+    def __init__(self, families: list, labels: dict[str, str]) -> None:
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.counters = {}
+        for name, text in self.COUNTERS.items():
+            families.append(family := pb_utils.MetricFamily(f"genrec_user_cache_{name}_total", text, counter))
+            self.counters[name] = family.Metric(labels=labels)
+        families.append(invalidated := pb_utils.MetricFamily(
+            "genrec_user_cache_invalidations_total", "cached users recomputed, by reason", counter))
+        self.invalidations = {r: invalidated.Metric(labels={**labels, "reason": r}) for r in INVALIDATIONS}
+        families.append(used := pb_utils.MetricFamily("genrec_user_cache_bytes", "bytes held by the user cache", gauge))
+        families.append(users := pb_utils.MetricFamily("genrec_user_cache_users", "users held", gauge))
+        families.append(budget := pb_utils.MetricFamily("genrec_user_cache_budget_bytes", "the budget", gauge))
+        self.bytes, self.users, self.budget = (f.Metric(labels=labels) for f in (used, users, budget))
+        self.seen: dict[str, int] = {}
+
+    def observe(self, cache: UserCache) -> None:
+        stats = cache.stats
+        values = {name: getattr(stats, name) for name in self.COUNTERS}
+        values |= {f"invalidated:{r}": stats.invalidations[r] for r in INVALIDATIONS}
+        for name, value in values.items():
+            delta = value - self.seen.get(name, 0)
+            if delta:
+                metric = self.invalidations[name.split(":")[1]] if ":" in name else self.counters[name]
+                metric.increment(float(delta))
+            self.seen[name] = value
+        self.bytes.set(float(cache.bytes_in_use))
+        self.users.set(float(len(cache)))
+        self.budget.set(float(cache.budget_bytes))
 
 
 def _error(message: str, invalid_argument: bool) -> "pb_utils.TritonError":
@@ -66,6 +110,9 @@ class TritonPythonModel:
         self.name = f"{args['model_name']} version {args['model_version']}"
         self.handler = load_handler(parameters["handler"], version_dir, parameters)
         self.metrics = Metrics(args["model_name"])
+        self.cache = getattr(self.handler, "cache", None)
+        if self.cache is not None:
+            self.metrics.observe_cache(self.cache)
 
     def execute(self, requests: list) -> list:
         cancelled = [r.is_cancelled() for r in requests]
@@ -98,4 +145,6 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
                 self.metrics.requests["ok"].increment(1)
                 self.metrics.observe_result(result)
+        if self.cache is not None:
+            self.metrics.observe_cache(self.cache)
         return responses

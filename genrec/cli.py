@@ -127,11 +127,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _add_build(sub: argparse._SubParsersAction) -> Handler:
-    from genrec.builders.limits import Limits
+    from genrec.builders.limits import DEFAULT_USER_CACHE_MB, Limits
 
     p = sub.add_parser("build", help="turn a checkpoint into a Triton model repository",
-                       description="Write user_encoder, item_retrieval, candidate_scorer and the recommend / rank / "
-                       "retrieve ensembles. A new build of the same model adds a version.")
+                       description="Write recommender (recommend and rank, with the per-user K/V cache), "
+                       "user_encoder, item_retrieval, candidate_scorer, top_n and the recommend / rank / retrieve "
+                       "ensembles. A new build of the same model adds a version.")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--runtime", choices=["torch", "onnx", "tensorrt"], default="torch")
@@ -142,6 +143,17 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--no-dynamic-batching", action="store_true")
     p.add_argument("--faiss", choices=["none", "ivf", "hnsw"], default="none",
                    help="approximate retrieval index for large catalogues (default: exact brute force)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per served model process (default: 0, torch's choice: one per core)")
+    cache = p.add_argument_group("user cache (recommend / rank calls that name a user_id; torch runtime only)")
+    cache.add_argument("--user-cache-mb", type=float, default=None,
+                       help=f"memory for cached users' K/V (default: {DEFAULT_USER_CACHE_MB:g} with the torch "
+                       "runtime, 0 = off; README 'Sizing the user cache')")
+    cache.add_argument("--user-cache-ttl-s", type=float, default=0.0,
+                       help="forget a user this long after their last request (default: 0, LRU eviction only)")
+    cache.add_argument("--window-block", type=int, default=None,
+                       help="histories longer than max_len lose their oldest events this many at a time, so a "
+                       "cached user is recomputed once per that many new events (default: max_len // 8)")
     limits = p.add_argument_group("request limits (over a limit: INVALID_ARGUMENT before any compute)")
     limits.add_argument("--max-history-events", type=int, default=Limits.max_history_events,
                         help="events accepted per request, before truncation to the model's max_len "
@@ -158,6 +170,8 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
             retrieve_k=args.retrieve_k, max_batch_size=args.max_batch_size, instances=args.instances,
             dynamic_batching=not args.no_dynamic_batching, faiss=args.faiss, device=args.device,
             max_history_events=args.max_history_events, max_candidates=args.max_candidates,
+            user_cache_mb=args.user_cache_mb, user_cache_ttl_s=args.user_cache_ttl_s, window_block=args.window_block,
+            threads=args.threads,
         )
         version = build_repository(config)
         print(f"built {args.repository} (version {version}, runtime {args.runtime})")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_constants import BUILT_FILES, MAX_QUEUE_DELAY_US, RETRIEVE_K, repository_files
+from server_constants import BUILT_FILES, MAX_QUEUE_DELAY_US, RETRIEVE_K, WINDOW_BLOCK, repository_files
 
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
@@ -33,6 +33,7 @@ def server(
             runtime=request.param,
             retrieve_k=RETRIEVE_K,
             max_queue_delay_us=MAX_QUEUE_DELAY_US,
+            window_block=WINDOW_BLOCK,
         )
     )
     BUILT_FILES[repository] = repository_files(repository)

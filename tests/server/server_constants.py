@@ -3,6 +3,7 @@
 from pathlib import Path
 
 RETRIEVE_K = 30  # the retrieval depth the test repositories are built with: recommend's k is at most this
+WINDOW_BLOCK = 4  # histories beyond max_len lose their oldest events 4 at a time (window_start)
 MAX_QUEUE_DELAY_US = 20_000  # dynamic batching waits up to 20 ms, so concurrent requests share batches
 
 # Each served repository's files (path -> size, mtime) as its build left them, before the server loaded it.

@@ -1,4 +1,4 @@
-"""A seeded fuzz of malformed requests across all seven served models (`genrec.benchmarks.fuzz`)."""
+"""A seeded fuzz of malformed requests across all eight served models (`genrec.benchmarks.fuzz`)."""
 
 from __future__ import annotations
 

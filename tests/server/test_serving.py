@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from server_constants import BUILT_FILES, RETRIEVE_K, repository_files
+from server_constants import BUILT_FILES, RETRIEVE_K, WINDOW_BLOCK, repository_files
 from tritonclient.utils import InferenceServerException
 
 from genrec.builders.limits import Limits
@@ -23,6 +23,7 @@ from genrec.training.batch import SequenceBatch
 from genrec.training.checkpoint import load_checkpoint, load_meta
 from genrec.training.hstu import HSTU
 from genrec.training.pipeline import recommend as recommend_offline
+from genrec.training.pipeline import window_start
 from genrec.training.prepare import DataConfig, prepare
 
 pytestmark = pytest.mark.server
@@ -51,7 +52,7 @@ def test_served_equals_offline(client: RecommendClient, tiny_checkpoint: Path, u
         served = client.recommend(items.tolist(), k=10, timestamps=timestamps.tolist(), actions=ratings.tolist())
         dense = [vocab[int(i)] for i in items]
         actions = np.where(ratings == 0, 0, np.searchsorted(meta.action_values, ratings) + 1)
-        recent = slice(-model.config.max_len, None)  # the server keeps the most recent max_len events
+        recent = slice(window_start(len(dense), model.config.max_len, WINDOW_BLOCK), None)  # the served window
         batch = SequenceBatch.from_lists([dense[recent]], [timestamps[recent].tolist()], [actions[recent].tolist()])
         seen = torch.tensor([dense])  # but never recommends anything from the whole history
         ids, scores = recommend_offline(model, batch, k=10, retrieve_k=RETRIEVE_K, seen=seen)
@@ -84,7 +85,7 @@ def test_batched_concurrent_requests_match_sequential(client: RecommendClient, s
 
 def _executions(server: TritonServer) -> tuple[int, int]:
     with grpcclient.InferenceServerClient(server.url) as raw:
-        stats = raw.get_inference_statistics("user_encoder", as_json=True)["model_stats"][0]
+        stats = raw.get_inference_statistics("recommender", as_json=True)["model_stats"][0]
     return int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))
 
 
@@ -116,8 +117,9 @@ def test_unknown_out_of_range_and_too_long_histories(client: RecommendClient, ti
     max_len = meta.model_config["max_len"]
     long = (meta.item_raw_ids[np.arange(max_len + 25) % len(meta.item_raw_ids)]).tolist()
     truncated = client.recommend(long, k=5, exclude_seen=False)
-    assert truncated.num_truncated == 25
-    assert truncated.item_ids.tolist() == client.recommend(long[25:], k=5, exclude_seen=False).item_ids.tolist()
+    dropped = window_start(len(long), max_len, WINDOW_BLOCK)
+    assert truncated.num_truncated == dropped == 28  # the window moves in blocks of WINDOW_BLOCK
+    assert truncated.item_ids.tolist() == client.recommend(long[dropped:], k=5, exclude_seen=False).item_ids.tolist()
     with pytest.raises(GenrecError, match=rf"k must be in 1\.\.{RETRIEVE_K}"):  # the caller's name for it
         client.recommend(known, k=RETRIEVE_K + 1)
     with pytest.raises(GenrecError, match="never seen"):
@@ -209,19 +211,20 @@ def test_prometheus_counts_requests_by_outcome_and_unknown_ids(client: Recommend
                                                                  tiny_checkpoint: Path) -> None:
     known = load_meta(tiny_checkpoint).item_raw_ids[:4].tolist()
     series = {
-        "ok": 'genrec_requests_total{model="user_encoder",outcome="ok"}',
-        "invalid": 'genrec_requests_total{model="user_encoder",outcome="invalid_argument"}',
-        "unknown": 'genrec_history_unknown_total{model="user_encoder"}',
-        "events": 'genrec_history_events_count{model="user_encoder"}',
-        "candidates": 'genrec_candidates_count{model="candidate_scorer"}',
+        "ok": 'genrec_requests_total{model="recommender",outcome="ok"}',
+        "invalid": 'genrec_requests_total{model="recommender",outcome="invalid_argument"}',
+        "unknown": 'genrec_history_unknown_total{model="recommender"}',
+        "events": 'genrec_history_events_count{model="recommender"}',
+        "candidates": 'genrec_candidates_count{model="recommender"}',
     }
     before = {name: _metric(server, line) for name, line in series.items()}
     client.recommend([*known, 10**12, -3], k=3)  # two unknown ids
+    client.rank(known, known[:2])  # rank is served by the same model: its candidates histogram
     with pytest.raises(GenrecError):
         client.recommend([10**9])
     after = {name: _metric(server, line) for name, line in series.items()}
     assert {name: after[name] - before[name] for name in series} == {
-        "ok": 1, "invalid": 1, "unknown": 2, "events": 2, "candidates": 1}
+        "ok": 2, "invalid": 1, "unknown": 2, "events": 3, "candidates": 1}
 
 
 def test_loading_the_repository_changed_none_of_its_files(server: TritonServer) -> None:
