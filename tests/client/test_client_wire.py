@@ -24,14 +24,38 @@ HISTORY = History(
 def test_top_k_request_follows_the_protocol(model: str) -> None:
     call = wire.top_k_call(model, HISTORY, k=7, exclude_seen=False)
     endpoint = protocol.ENDPOINTS[model]
-    assert call.model == model
-    assert [i.name() for i in call.inputs] == [t.name for t in endpoint.inputs]
-    assert [i.datatype() for i in call.inputs] == [t.dtype for t in endpoint.inputs]
+    required = [t for t in endpoint.inputs if not t.optional]  # user_id only when the caller names one
+    assert call.model == model and call.user_id is None
+    assert [i.name() for i in call.inputs] == [t.name for t in required]
+    assert [i.datatype() for i in call.inputs] == [t.dtype for t in required]
     shapes = {i.name(): i.shape() for i in call.inputs}
     for name in (protocol.HISTORY_ITEM_IDS, protocol.HISTORY_TIMESTAMPS, protocol.HISTORY_ACTIONS):
         assert shapes[name] == [1, 4]  # batch dim 1, L = 4
     assert shapes[protocol.K] == [1, 1] and shapes[protocol.EXCLUDE_SEEN] == [1, 1]
     assert [o.name() for o in call.outputs] == [t.name for t in endpoint.outputs]
+
+
+def test_a_user_id_is_sent_as_one_string_and_routes_the_call() -> None:
+    call = wire.top_k_call(protocol.RECOMMEND, HISTORY, k=7, exclude_seen=True, user_id="user-42")
+    sent = {i.name(): i for i in call.inputs}
+    assert (sent[protocol.USER_ID].datatype(), sent[protocol.USER_ID].shape()) == ("BYTES", [1, 1])
+    assert call.user_id == "user-42" and wire.rank_call(HISTORY, np.array([1]), "u").user_id == "u"
+
+
+def test_rendezvous_routing_is_stable_spread_and_fails_over_to_the_same_next_replica() -> None:
+    urls = [f"replica-{i}:8001" for i in range(3)]
+    router = wire.Router(urls)
+    orders = {f"user-{u}": router.order(f"user-{u}") for u in range(300)}
+    assert all(sorted(order) == [0, 1, 2] for order in orders.values())
+    assert orders == {user: wire.Router(list(urls)).order(user) for user in orders}  # every client agrees
+    homes = [order[0] for order in orders.values()]
+    assert all(60 < homes.count(r) < 140 for r in range(3))  # spread about evenly
+    # Without replica 0, its users move to their second choice; nobody else moves.
+    survivors = wire.Router(urls[1:])
+    for user, order in orders.items():
+        moved = survivors.order(user)[0] + 1
+        assert moved == (order[1] if order[0] == 0 else order[0])
+    assert [router.order(None)[0] for _ in range(4)] == [0, 1, 2, 0]  # no user id: in turn
 
 
 def test_rank_request_follows_the_protocol() -> None:
@@ -60,6 +84,7 @@ def _top_k_outputs(
         protocol.SCORES: np.array(scores, dtype=np.float32),
         protocol.NUM_UNKNOWN: np.array([unknown], dtype=np.int32),
         protocol.NUM_TRUNCATED: np.array([truncated], dtype=np.int32),
+        protocol.CACHED_EVENTS: np.array([0], dtype=np.int32),
     }
 
 
@@ -88,13 +113,14 @@ def test_parse_rank_keeps_candidate_order(make_result: Callable[..., InferResult
         protocol.SCORES: np.array([0.5, 2.0, np.nan, 2.0], dtype=np.float32),
         protocol.NUM_UNKNOWN: np.array([1], dtype=np.int32),
         protocol.NUM_TRUNCATED: np.array([0], dtype=np.int32),
+        protocol.CACHED_EVENTS: np.array([3], dtype=np.int32),
     }
     ranking = wire.rank_call(HISTORY, candidates).parse(make_result(protocol.RANK, outputs))
     assert isinstance(ranking, Ranking)
     assert ranking.candidate_ids.tolist() == [11, 22, 33, 44] and len(ranking) == 4
     np.testing.assert_array_equal(ranking.scores, np.array([0.5, 2.0, np.nan, 2.0], dtype=np.float32))
     assert [item.item_id for item in ranking.ordered()] == [22, 44, 11, 33]  # ties keep order, NaN last
-    assert (ranking.num_unknown, ranking.num_truncated) == (1, 0)
+    assert (ranking.num_unknown, ranking.num_truncated, ranking.cached_events) == (1, 0, 3)
     with pytest.raises(ValueError):
         ranking.scores[0] = 1.0  # read-only
 

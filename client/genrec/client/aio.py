@@ -27,7 +27,7 @@ class AsyncRecommendClient:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str | Sequence[str] = "localhost:8001",
         *,
         timeout_s: float = 10.0,
         retries: int = 2,
@@ -38,13 +38,15 @@ class AsyncRecommendClient:
         certificate_chain: str | None = None,
     ) -> None:
         validate.settings(timeout_s, retries, concurrency)
-        self.url = url
+        self.urls = validate.urls(url)
+        self.url = self.urls[0]
         self.timeout_s = timeout_s
         self.retries = retries
         self.concurrency = concurrency  # most requests in flight in the *_batch methods
-        self._triton = wire.connect(
+        self._router = wire.Router(self.urls)
+        self._replicas = wire.connect_all(
             grpcclient.InferenceServerClient,
-            url,
+            self.urls,
             ssl=ssl,
             root_certificates=root_certificates,
             private_key=private_key,
@@ -61,9 +63,9 @@ class AsyncRecommendClient:
         exclude_seen: bool = True,
         user_id: int | str | None = None,
     ) -> Recommendations:
-        """See `RecommendClient.recommend`; ``user_id`` is reserved and not sent yet."""
+        """See `RecommendClient.recommend`."""
         return await self._send(
-            wire.top_k(protocol.RECOMMEND, user_seq, k, timestamps, actions, exclude_seen)
+            wire.top_k(protocol.RECOMMEND, user_seq, k, timestamps, actions, exclude_seen, user_id)
         )
 
     async def retrieve(
@@ -84,8 +86,9 @@ class AsyncRecommendClient:
         *,
         timestamps: ArrayLike | None = None,
         actions: ArrayLike | None = None,
+        user_id: int | str | None = None,
     ) -> Ranking:
-        return await self._send(wire.rank(user_seq, candidates, timestamps, actions))
+        return await self._send(wire.rank(user_seq, candidates, timestamps, actions, user_id))
 
     async def recommend_batch(
         self,
@@ -124,19 +127,21 @@ class AsyncRecommendClient:
         return await self._send_all(wire.rank_batch(user_seqs, candidates, timestamps, actions))
 
     async def ready(self) -> bool:
-        """True when the server is live and the three ensembles are ready; False, never an error, otherwise."""
+        """True when every replica is live with the three ensembles ready; False, never an error, otherwise."""
         try:
-            if not await self._triton.is_server_live(client_timeout=self.timeout_s):
-                return False
-            for model in protocol.ENDPOINTS:
-                if not await self._triton.is_model_ready(model, client_timeout=self.timeout_s):
+            for triton in self._replicas:
+                if not await triton.is_server_live(client_timeout=self.timeout_s):
                     return False
+                for model in protocol.ENDPOINTS:
+                    if not await triton.is_model_ready(model, client_timeout=self.timeout_s):
+                        return False
             return True
         except InferenceServerException:
             return False
 
     async def close(self) -> None:
-        await self._triton.close()
+        for triton in self._replicas:
+            await triton.close()
 
     async def __aenter__(self) -> AsyncRecommendClient:
         return self
@@ -147,20 +152,23 @@ class AsyncRecommendClient:
         await self.close()
 
     async def _send(self, call: wire.Call[R]) -> R:
-        attempt = 0
-        while True:
-            try:
-                result = await self._triton.infer(
-                    call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
-                )
-            except InferenceServerException as exc:
-                err = wire.error(exc, call.model, self.url)
-                if attempt >= self.retries or not wire.is_transient(err):
-                    raise err from None
-                await asyncio.sleep(wire.jittered_backoff_s(attempt))
-                attempt += 1
-            else:
-                return call.parse(result)
+        """As `RecommendClient._send`: the user's replicas in order, rounds apart by a jittered backoff."""
+        order = self._router.order(call.user_id)
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(wire.jittered_backoff_s(attempt - 1))
+            for replica in order:
+                try:
+                    result = await self._replicas[replica].infer(
+                        call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
+                    )
+                except InferenceServerException as exc:
+                    err = wire.error(exc, call.model, self.urls[replica])
+                    if not wire.is_transient(err):
+                        raise err from None
+                else:
+                    return call.parse(result)
+        raise err
 
     async def _send_all(self, calls: list[wire.Call[R]]) -> list[R]:
         """Each user's own request, at most `concurrency` in flight; results in order, first error raised."""

@@ -23,9 +23,12 @@ class RecommendClient:
     """Blocking client over `tritonclient.grpc.InferenceServerClient`; its methods are thread-safe.
 
     One request carries one user's history (oldest event first); Triton batches users server-side.
-    ``timeout_s`` bounds each attempt; ``retries`` more attempts follow an ``UNAVAILABLE`` error (the server
-    unreachable), after up to 0.1 s, 0.2 s, ... with random jitter. A ``DEADLINE_EXCEEDED`` is not retried:
-    the server may still be computing it. Every failure raises `GenrecError`.
+    ``url`` is one server or a list of replicas: a call naming a ``user_id`` always goes to that user's
+    replica (`wire.Router`), where the server keeps the user's K/V, and fails over to the user's next
+    replica when it is unavailable; other calls take the replicas in turn.
+    ``timeout_s`` bounds each attempt; ``retries`` more rounds over the replicas follow an ``UNAVAILABLE``
+    error (unreachable), after up to 0.1 s, 0.2 s, ... with random jitter. A ``DEADLINE_EXCEEDED`` is not
+    retried: the server may still be computing it. Every failure raises `GenrecError`.
 
     ``timestamps`` (unix seconds, non-decreasing) default to ``int(time.time())`` for every event:
     the model's time-gap bias then sees zero gaps, so pass real timestamps when you have them.
@@ -34,7 +37,7 @@ class RecommendClient:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str | Sequence[str] = "localhost:8001",
         *,
         timeout_s: float = 10.0,
         retries: int = 2,
@@ -45,13 +48,15 @@ class RecommendClient:
         certificate_chain: str | None = None,
     ) -> None:
         validate.settings(timeout_s, retries, concurrency)
-        self.url = url
+        self.urls = validate.urls(url)
+        self.url = self.urls[0]
         self.timeout_s = timeout_s
         self.retries = retries
         self.concurrency = concurrency  # most requests in flight in the *_batch methods
-        self._triton = wire.connect(
+        self._router = wire.Router(self.urls)
+        self._replicas = wire.connect_all(
             grpcclient.InferenceServerClient,
-            url,
+            self.urls,
             ssl=ssl,
             root_certificates=root_certificates,
             private_key=private_key,
@@ -72,9 +77,10 @@ class RecommendClient:
     ) -> Recommendations:
         """The k best items for one user's history: retrieval, then re-ranking.
 
-        ``user_id`` is reserved for a future server-side cache of user states; it is not sent yet.
+        With ``user_id`` (and real ``timestamps``) the server keeps this user's K/V: next time, when the
+        history extends this one, only the new events are computed (``Recommendations.cached_events``).
         """
-        return self._send(wire.top_k(protocol.RECOMMEND, user_seq, k, timestamps, actions, exclude_seen))
+        return self._send(wire.top_k(protocol.RECOMMEND, user_seq, k, timestamps, actions, exclude_seen, user_id))
 
     def retrieve(
         self,
@@ -95,9 +101,11 @@ class RecommendClient:
         *,
         timestamps: ArrayLike | None = None,
         actions: ArrayLike | None = None,
+        user_id: int | str | None = None,
     ) -> Ranking:
-        """One score per candidate item, in the order given; `Ranking.ordered()` sorts them."""
-        return self._send(wire.rank(user_seq, candidates, timestamps, actions))
+        """One score per candidate item, in the order given; `Ranking.ordered()` sorts them. ``user_id`` as
+        in `recommend` (the two share the user's cached K/V)."""
+        return self._send(wire.rank(user_seq, candidates, timestamps, actions, user_id))
 
     # -- many users, sent concurrently ---------------------------------------------------------
 
@@ -146,19 +154,19 @@ class RecommendClient:
     # -- server state, lifetime ----------------------------------------------------------------
 
     def ready(self) -> bool:
-        """True when the server is live and the three ensembles are ready; False, never an error, otherwise."""
+        """True when every replica is live with the three ensembles ready; False, never an error, otherwise."""
         try:
-            if not self._triton.is_server_live(client_timeout=self.timeout_s):
-                return False
             return all(
-                self._triton.is_model_ready(model, client_timeout=self.timeout_s)
-                for model in protocol.ENDPOINTS
+                triton.is_server_live(client_timeout=self.timeout_s)
+                and all(triton.is_model_ready(model, client_timeout=self.timeout_s) for model in protocol.ENDPOINTS)
+                for triton in self._replicas
             )
         except InferenceServerException:
             return False
 
     def close(self) -> None:
-        self._triton.close()
+        for triton in self._replicas:
+            triton.close()
 
     def __enter__(self) -> RecommendClient:
         return self
@@ -171,20 +179,22 @@ class RecommendClient:
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, call: wire.Call[R]) -> R:
-        attempt = 0
-        while True:
-            try:
-                result = self._triton.infer(
-                    call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
-                )
-            except InferenceServerException as exc:
-                err = wire.error(exc, call.model, self.url)
-                if attempt >= self.retries or not wire.is_transient(err):
-                    raise err from None
-                time.sleep(wire.jittered_backoff_s(attempt))
-                attempt += 1
-            else:
-                return call.parse(result)
+        order = self._router.order(call.user_id)
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(wire.jittered_backoff_s(attempt - 1))
+            for replica in order:
+                try:
+                    result = self._replicas[replica].infer(
+                        call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
+                    )
+                except InferenceServerException as exc:
+                    err = wire.error(exc, call.model, self.urls[replica])
+                    if not wire.is_transient(err):
+                        raise err from None
+                else:
+                    return call.parse(result)
+        raise err
 
     def _send_all(self, calls: list[wire.Call[R]]) -> list[R]:
         """Each user's own request (their lengths differ), all in flight together; results in order."""

@@ -23,12 +23,14 @@ HISTORY_ACTIONS = "history_actions"  # INT64 [L], the rating/action per event, 0
 K = "k"  # INT32 [1], how many items to return
 EXCLUDE_SEEN = "exclude_seen"  # BOOL [1], drop items already in the history
 CANDIDATE_ITEM_IDS = "candidate_item_ids"  # INT64 [C], for `rank`
+USER_ID = "user_id"  # BYTES [1], optional (recommend, rank): the server keeps this user's K/V for next time
 
 # Outputs.
 ITEM_IDS = "item_ids"  # INT64 [k], best first
 SCORES = "scores"  # FP32 [k] (recommend/retrieve) or [C] (rank, in candidate order)
 NUM_UNKNOWN = "num_unknown"  # INT32 [1], history ids the model has never seen (ignored)
 NUM_TRUNCATED = "num_truncated"  # INT32 [1], oldest events dropped beyond the model's max length
+CACHED_EVENTS = "cached_events"  # INT32 [1] (recommend, rank), history events whose K/V came from the user cache
 
 # Accepted history timestamps, unix seconds: [1970-01-01, 2100-01-01). The time bias only sees gaps, so any
 # era would do; this one catches the common unit mistake (milliseconds: 1.7e12 is the year 55,000) and
@@ -41,6 +43,7 @@ class Tensor:
     name: str
     dtype: str  # Triton's dtype name without the TYPE_ prefix: INT64, INT32, FP32, BOOL
     dims: tuple[int, ...]  # per request, without the batch dimension; -1 = variable
+    optional: bool = False  # a request may leave it out (inputs only)
 
 
 HISTORY_INPUTS = (
@@ -51,6 +54,9 @@ HISTORY_INPUTS = (
 TOP_K_INPUTS = (Tensor(K, "INT32", (1,)), Tensor(EXCLUDE_SEEN, "BOOL", (1,)))
 HISTORY_REPORT = (Tensor(NUM_UNKNOWN, "INT32", (1,)), Tensor(NUM_TRUNCATED, "INT32", (1,)))
 TOP_K_OUTPUTS = (Tensor(ITEM_IDS, "INT64", (-1,)), Tensor(SCORES, "FP32", (-1,)), *HISTORY_REPORT)
+USER_ID_INPUT = Tensor(USER_ID, "BYTES", (1,), optional=True)
+CACHE_REPORT = Tensor(CACHED_EVENTS, "INT32", (1,))
+MAX_USER_ID_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,11 @@ class Endpoint:
 
 
 ENDPOINTS = {
-    RECOMMEND: Endpoint(RECOMMEND, HISTORY_INPUTS + TOP_K_INPUTS, TOP_K_OUTPUTS),
+    RECOMMEND: Endpoint(RECOMMEND, HISTORY_INPUTS + TOP_K_INPUTS + (USER_ID_INPUT,), TOP_K_OUTPUTS + (CACHE_REPORT,)),
     RETRIEVE: Endpoint(RETRIEVE, HISTORY_INPUTS + TOP_K_INPUTS, TOP_K_OUTPUTS),
     RANK: Endpoint(
         RANK,
-        HISTORY_INPUTS + (Tensor(CANDIDATE_ITEM_IDS, "INT64", (-1,)),),
-        (Tensor(SCORES, "FP32", (-1,)), *HISTORY_REPORT),
+        HISTORY_INPUTS + (Tensor(CANDIDATE_ITEM_IDS, "INT64", (-1,)), USER_ID_INPUT),
+        (Tensor(SCORES, "FP32", (-1,)), *HISTORY_REPORT, CACHE_REPORT),
     ),
 }

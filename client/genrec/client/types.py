@@ -20,11 +20,14 @@ class Recommendations:
 
     ``num_unknown``: history ids the model has never seen (the server ignored them).
     ``num_truncated``: oldest history events dropped beyond the model's maximum length.
+    ``cached_events`` (`recommend`, `rank`): history events whose K/V the server had cached for this ``user_id``;
+    0 when it computed the whole history.
     """
 
     items: tuple[ScoredItem, ...]
     num_unknown: int = 0
     num_truncated: int = 0
+    cached_events: int = 0
 
     @property
     def item_ids(self) -> np.ndarray:  # int64 (k,)
@@ -48,14 +51,15 @@ class Recommendations:
 class Ranking:
     """The scores of `rank`, in the caller's candidate order (read-only arrays).
 
-    ``ordered()`` gives the candidates best first. ``num_unknown`` / ``num_truncated`` describe the
-    history as in `Recommendations`.
+    ``ordered()`` gives the candidates best first. ``num_unknown`` / ``num_truncated`` / ``cached_events``
+    describe the history as in `Recommendations`.
     """
 
     candidate_ids: np.ndarray  # int64 (C,)
     scores: np.ndarray  # float32 (C,), scores[i] belongs to candidate_ids[i]
     num_unknown: int = 0
     num_truncated: int = 0
+    cached_events: int = 0
 
     def __post_init__(self) -> None:
         if self.candidate_ids.shape != self.scores.shape or self.scores.ndim != 1:

@@ -180,6 +180,31 @@ def n_users(user_seqs: Any) -> int:
     return len(user_seqs)
 
 
+def user_id(value: Any, timestamps_: Any | None) -> str | None:
+    """A caller's user id (int or str) -> the string sent; the cache needs the events' real timestamps."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str, np.integer)):
+        raise _bad(f"user_id must be an int or a str, got {type(value).__name__}")
+    text = str(value)
+    if not 0 < len(text.encode()) <= protocol.MAX_USER_ID_BYTES:
+        raise _bad(f"user_id must be 1 to {protocol.MAX_USER_ID_BYTES} bytes, got {len(text.encode())}")
+    if timestamps_ is None:
+        raise _bad("user_id needs the events' timestamps: without them every call stamps each event with the "
+                   "current time, so no history would ever extend the one the server cached")
+    return text
+
+
+def urls(value: Any) -> tuple[str, ...]:
+    """One 'host:port' or several (replicas) -> a tuple of at least one."""
+    found = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not found or any(not isinstance(u, str) or not u.strip() for u in found):
+        raise _bad(f"url must be 'host:port' or a list of them, got {value!r}")
+    if len(set(found)) != len(found):
+        raise _bad(f"url lists a replica twice: {list(found)}")
+    return found
+
+
 def settings(timeout_s: Any, retries: Any, concurrency: Any) -> None:
     """The client's constructor arguments."""
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < np.inf:

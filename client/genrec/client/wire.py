@@ -7,9 +7,11 @@ send calls, retry the transient failures (`is_transient`, `backoff_s`) and map e
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -55,14 +57,16 @@ class Call(Generic[R]):
     inputs: list[InferInput]
     outputs: list[InferRequestedOutput]
     parse: Callable[[InferResult], R]
+    user_id: str | None = None  # routes the call to the user's replica
 
 
 def infer_inputs(endpoint: protocol.Endpoint, arrays: dict[str, np.ndarray]) -> list[InferInput]:
-    """One `InferInput` per protocol input, in the protocol's order: (n,) -> [1, n]."""
-    if set(arrays) != {t.name for t in endpoint.inputs}:
+    """One `InferInput` per protocol input given, in the protocol's order: (n,) -> [1, n]."""
+    required = {t.name for t in endpoint.inputs if not t.optional}
+    if not required <= set(arrays) <= {t.name for t in endpoint.inputs}:
         raise ValueError(f"{endpoint.model} takes {[t.name for t in endpoint.inputs]}, got {sorted(arrays)}")
     inputs = []
-    for tensor in endpoint.inputs:
+    for tensor in (t for t in endpoint.inputs if t.name in arrays):
         data = arrays[tensor.name].astype(triton_to_np_dtype(tensor.dtype), copy=False).reshape(1, -1)
         inputs.append(InferInput(tensor.name, list(data.shape), tensor.dtype).set_data_from_numpy(data))
     return inputs
@@ -80,34 +84,46 @@ def _requested(endpoint: protocol.Endpoint) -> list[InferRequestedOutput]:
     return [InferRequestedOutput(t.name) for t in endpoint.outputs]
 
 
-def top_k_call(model: str, history: History, k: int, exclude_seen: bool) -> Call[Recommendations]:
-    """A `recommend` or `retrieve` request; `k` and `exclude_seen` are validated already."""
+def _with_user(arrays: dict[str, np.ndarray], user_id: str | None) -> dict[str, np.ndarray]:
+    if user_id is not None:
+        arrays[protocol.USER_ID] = np.array([user_id.encode()], dtype=np.object_)
+    return arrays
+
+
+def top_k_call(
+    model: str, history: History, k: int, exclude_seen: bool, user_id: str | None = None
+) -> Call[Recommendations]:
+    """A `recommend` or `retrieve` request; `k`, `exclude_seen` and the user id are validated already."""
     endpoint = protocol.ENDPOINTS[model]
     arrays = _history_arrays(history)
     arrays[protocol.K] = np.array([k], dtype=np.int32)
     arrays[protocol.EXCLUDE_SEEN] = np.array([exclude_seen], dtype=np.bool_)
-    return Call(model, infer_inputs(endpoint, arrays), _requested(endpoint), lambda r: parse_top_k(r, model))
+    return Call(model, infer_inputs(endpoint, _with_user(arrays, user_id)), _requested(endpoint),
+                lambda r: parse_top_k(r, model), user_id)
 
 
-def rank_call(history: History, candidate_ids: np.ndarray) -> Call[Ranking]:
+def rank_call(history: History, candidate_ids: np.ndarray, user_id: str | None = None) -> Call[Ranking]:
     """A `rank` request; candidate_ids: int64 (C,), validated already."""
     endpoint = protocol.ENDPOINTS[protocol.RANK]
     arrays = _history_arrays(history)
     arrays[protocol.CANDIDATE_ITEM_IDS] = candidate_ids
     return Call(
         protocol.RANK,
-        infer_inputs(endpoint, arrays),
+        infer_inputs(endpoint, _with_user(arrays, user_id)),
         _requested(endpoint),
         lambda r: parse_rank(r, candidate_ids),
+        user_id,
     )
 
 
 def top_k(
-    model: str, user_seq: Any, k: Any, timestamps: Any | None, actions: Any | None, exclude_seen: Any
+    model: str, user_seq: Any, k: Any, timestamps: Any | None, actions: Any | None, exclude_seen: Any,
+    user_id: Any = None,
 ) -> Call[Recommendations]:
     """Validate one user's `recommend`/`retrieve` input and build its call."""
+    user = validate.user_id(user_id, timestamps)
     history = validate.history(user_seq, timestamps, actions, now=int(time.time()))
-    return top_k_call(model, history, validate.k(k), validate.flag(exclude_seen, "exclude_seen"))
+    return top_k_call(model, history, validate.k(k), validate.flag(exclude_seen, "exclude_seen"), user)
 
 
 def top_k_batch(
@@ -134,10 +150,13 @@ def top_k_batch(
     ]
 
 
-def rank(user_seq: Any, candidates: Any, timestamps: Any | None, actions: Any | None) -> Call[Ranking]:
+def rank(
+    user_seq: Any, candidates: Any, timestamps: Any | None, actions: Any | None, user_id: Any = None
+) -> Call[Ranking]:
     """Validate one user's `rank` input and build its call."""
+    user = validate.user_id(user_id, timestamps)
     history = validate.history(user_seq, timestamps, actions, now=int(time.time()))
-    return rank_call(history, validate.item_ids(candidates, "candidates"))
+    return rank_call(history, validate.item_ids(candidates, "candidates"), user)
 
 
 def rank_batch(
@@ -196,9 +215,14 @@ def parse_top_k(result: InferResult, model: str) -> Recommendations:
         raise GenrecError(f"{model}: {ids.size} item ids but {scores.size} scores", model=model)
     return Recommendations(
         items=tuple(ScoredItem(i, s) for i, s in zip(ids.tolist(), scores.tolist(), strict=True)),
-        num_unknown=_count(result, _tensor(endpoint, protocol.NUM_UNKNOWN), model),
-        num_truncated=_count(result, _tensor(endpoint, protocol.NUM_TRUNCATED), model),
+        **_reports(result, endpoint),
     )
+
+
+def _reports(result: InferResult, endpoint: protocol.Endpoint) -> dict[str, int]:
+    """The endpoint's one-number outputs (num_unknown, num_truncated, cached_events where it has it)."""
+    counts = (protocol.NUM_UNKNOWN, protocol.NUM_TRUNCATED, protocol.CACHED_EVENTS)
+    return {t.name: _count(result, t, endpoint.model) for t in endpoint.outputs if t.name in counts}
 
 
 def parse_rank(result: InferResult, candidate_ids: np.ndarray) -> Ranking:
@@ -207,12 +231,7 @@ def parse_rank(result: InferResult, candidate_ids: np.ndarray) -> Ranking:
     scores = _output(result, _tensor(endpoint, protocol.SCORES), model)
     if scores.shape != candidate_ids.shape:
         raise GenrecError(f"{model}: {scores.size} scores for {candidate_ids.size} candidates", model=model)
-    return Ranking(
-        candidate_ids=candidate_ids.copy(),
-        scores=scores.copy(),
-        num_unknown=_count(result, _tensor(endpoint, protocol.NUM_UNKNOWN), model),
-        num_truncated=_count(result, _tensor(endpoint, protocol.NUM_TRUNCATED), model),
-    )
+    return Ranking(candidate_ids=candidate_ids.copy(), scores=scores.copy(), **_reports(result, endpoint))
 
 
 def error(exc: InferenceServerException, model: str | None, url: str) -> GenrecError:
@@ -233,6 +252,34 @@ def connect(client_class: type[T], url: Any, **tls: Any) -> T:
         return client_class(url, channel_args=list(CHANNEL_ARGS), **tls)  # type: ignore[call-arg]
     except (InferenceServerException, OSError, ValueError, TypeError) as exc:
         raise GenrecError(f"cannot create a gRPC client for {url}: {exc}") from None
+
+
+def connect_all(client_class: type[T], urls: tuple[str, ...], **tls: Any) -> list[T]:
+    return [connect(client_class, url, **tls) for url in urls]
+
+
+class Router:
+    """Which replica serves a call, and which ones after it when it is down.
+
+    A call with a user id goes to the replica that rendezvous hashing gives that user (the highest hash of
+    replica url + user id), so every client sends a user to the same replica, where its K/V is cached; if
+    that one is unavailable, to the user's next one. Other calls take the replicas in turn.
+    """
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = tuple(urls)
+        self._turn = itertools.count()
+
+    def order(self, user_id: str | None) -> list[int]:
+        n = len(self.urls)
+        if user_id is None:
+            first = next(self._turn) % n
+            return [(first + i) % n for i in range(n)]
+        return sorted(range(n), key=lambda i: _weight(self.urls[i], user_id), reverse=True)
+
+
+def _weight(url: str, user_id: str) -> bytes:
+    return hashlib.blake2b(f"{url}\0{user_id}".encode(), digest_size=8).digest()
 
 
 def is_transient(err: GenrecError) -> bool:
