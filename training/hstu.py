@@ -338,25 +338,31 @@ class HSTU(nn.Module):
         return self.head(self.candidate_states(cache, candidates, request_time), user, candidates, request_time)
 
     def candidate_states(self, cache: KVCache, candidates: Tensor, request_time: Tensor) -> Tensor:
-        """Each candidate (B, C) as one more token after the cached history -> its final state (B, C, D)."""
-        width = cache.keys.shape[2]
+        """Each candidate (B, C) as one more token after the cached history -> its final state (B, C, D).
+
+        The (C x L) attention per head is one fused matmul-plus-bias (``baddbmm``) and one SiLU: the padding
+        mask rides in the bias as -1e9 (SiLU of it is exactly 0) and the 1/max_len scale is applied to the
+        (C, d) result, so no further pass over the (B, H, C, L) scores is made.
+        """
+        b, c = candidates.shape
+        heads, width = self.config.num_heads, cache.keys.shape[2]
         key_pos = torch.arange(width, device=candidates.device)
-        valid = (key_pos[None, :] < cache.lengths[:, None]).float()  # (B, L)
+        padding = (key_pos[None, :] >= cache.lengths[:, None]).float() * -1e9  # (B, L)
         distance = cache.lengths[:, None] - key_pos[None, :]  # candidate sits at position L
         hist_buckets = RelativeBias.buckets(distance, request_time[:, None] - cache.timestamps, self.config)
         zero = torch.zeros(1, dtype=torch.long, device=candidates.device)
         self_buckets = RelativeBias.buckets(zero, zero, self.config)
+        scale = 1.0 / self.config.max_len
         x = self.embed(candidates, torch.zeros_like(candidates))  # (B, C, D), action unknown
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
-            hist_bias = layer.bias(hist_buckets)[:, None, None, :]  # (B, 1, 1, L)
-            self_bias = layer.bias(self_buckets)
-            hist = F.silu(torch.einsum("bchd,blhd->bchl", q, cache.keys[i]) + hist_bias) * valid[:, None, None, :]
-            own = F.silu((q * k).sum(-1) + self_bias)  # (B, C, H)
-            scale = 1.0 / self.config.max_len
-            attended = torch.einsum("bchl,blhd->bchd", hist * scale, cache.values[i])
-            attended = attended + (own * scale)[..., None] * v
-            x = layer.finish(x, attended, u)
+            bias = (layer.bias(hist_buckets) + padding)[:, None, None, :].expand(b, heads, 1, width)
+            keys = cache.keys[i].permute(0, 2, 3, 1).reshape(b * heads, -1, width)  # (B*H, d_qk, L)
+            values = cache.values[i].transpose(1, 2).reshape(b * heads, width, -1)  # (B*H, L, d_v)
+            scores = torch.baddbmm(bias.reshape(b * heads, 1, width), q.transpose(1, 2).reshape(b * heads, c, -1), keys)
+            hist = torch.bmm(F.silu(scores, inplace=True), values).reshape(b, heads, c, -1).transpose(1, 2)
+            own = F.silu((q * k).sum(-1) + layer.bias(self_buckets))  # (B, C, H)
+            x = layer.finish(x, (hist + own[..., None] * v) * scale, u)
         return x
 
     def head(self, x: Tensor, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
