@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; a GPU user runs `make setup TORCH=torch` (or pre-installs a CUDA build in the venv).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint quality quality-short kv-cache retrieval-bench reliability bench clean
+.PHONY: setup demo test lint quality quality-short kv-cache retrieval-bench reliability user-cache bench clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,9 @@ retrieval-bench: setup
 
 reliability: setup
 	$(PY) -m genrec.benchmarks.reliability
+
+user-cache: setup
+	$(PY) -m genrec.benchmarks.user_cache
 
 bench: setup
 	$(VENV)/bin/genrec bench

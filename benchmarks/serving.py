@@ -190,7 +190,7 @@ def _describe(path: Path, origin: str) -> tuple[str, int]:
     return f"{dims}; {trained}; {origin} `{shown(path)}`", int(model["max_len"])
 
 
-def _save_untrained(preset: str, out: Path, seed: int) -> None:
+def save_untrained(preset: str, out: Path, seed: int, max_len: int | None = None) -> None:
     """A model of the preset's size at its initialisation, on ML-100K's vocabulary, as a real checkpoint."""
     import torch
 
@@ -199,7 +199,7 @@ def _save_untrained(preset: str, out: Path, seed: int) -> None:
     from genrec.training.trainer import TrainConfig, make_model
 
     data, _, name = prepare(DataConfig())
-    config = TrainConfig(preset=preset, epochs=0, out=out.parent, progress=False, seed=seed)
+    config = TrainConfig(preset=preset, epochs=0, out=out.parent, progress=False, seed=seed, max_len=max_len)
     torch.manual_seed(seed)
     model = make_model(config, data).eval()
     meta = CheckpointMeta(
@@ -258,7 +258,7 @@ def make_checkpoint(
         description, max_len = _describe(trained, "trained by this run into")
         return Checkpoint(trained, preset, description, max_len)
     if cfg.retrain or not (untrained / "config.json").exists():
-        _save_untrained(preset, untrained, cfg.seed)
+        save_untrained(preset, untrained, cfg.seed)
     description, max_len = _describe(untrained, "in")
     return Checkpoint(untrained, preset, description, max_len)
 

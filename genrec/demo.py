@@ -56,12 +56,22 @@ def run_demo(config: DemoConfig) -> int:
     ratings = np.concatenate([[0.0], data.action_values])[actions]
     grpc, http, metrics = free_ports(3)
     server_config = ServerConfig(repository=config.repository, grpc_port=grpc, http_port=http, metrics_port=metrics)
+    ratings = np.rint(ratings).astype(int)
+    user_id = str(data.users[row])
     with TritonServer(server_config) as server, RecommendClient(server.url) as client:
         console.print(f"tritonserver ready at {server.url} (log: {server.log_path})")
-        t0 = time.perf_counter()
-        result = client.recommend(raw_items.tolist(), k=10, timestamps=timestamps.tolist(),
-                                  actions=np.rint(ratings).astype(int).tolist())
-        latency_ms = (time.perf_counter() - t0) * 1e3
+        # The user's history without its last event, then again with it: the server keeps this user's K/V
+        # from the first call, so the second computes only the new event.
+        calls = []
+        for end in (len(raw_items) - 1, len(raw_items)):
+            t0 = time.perf_counter()
+            result = client.recommend(raw_items[:end].tolist(), k=10, timestamps=timestamps[:end].tolist(),
+                                      actions=ratings[:end].tolist(), user_id=user_id)
+            calls.append(((time.perf_counter() - t0) * 1e3, result.cached_events, end))
+        latency_ms = calls[-1][0]
+    for i, (ms, cached, end) in enumerate(calls, start=1):
+        reuse = f"{cached} of {end} events from the user cache" if cached else "whole history computed"
+        console.print(f"call {i}: {end} events, {ms:.1f} ms ({reuse})")
     titles = dict(zip(meta.item_raw_ids.tolist(), meta.item_titles[1:].tolist(), strict=True))
     console.print(f"user {data.users[row]}: {len(raw_items)} ratings; the last five:")
     for item, rating in zip(raw_items[-5:], ratings[-5:], strict=True):

@@ -56,3 +56,13 @@ def test_compose_binds_locally_and_k8s_locks_the_pod() -> None:
     for needed in ("kind: NetworkPolicy", "readOnlyRootFilesystem: true", "drop: [ALL]",
                    "secretName: genrec-admin-key", "/opt/genrec/serve.sh"):
         assert needed in k8s, needed
+
+
+def test_k8s_gives_each_replica_a_stable_name_for_user_routing() -> None:
+    """The user cache lives in each pod: a StatefulSet whose serviceName is a headless Service, and no
+    Deployment or ClusterIP balancing that would scatter a user's requests."""
+    k8s = (DOCKER / "k8s.yaml").read_text()
+    kinds = re.findall(r"^kind: (\w+)", k8s, flags=re.M)
+    assert "StatefulSet" in kinds and "Deployment" not in kinds
+    assert re.search(r"^  serviceName: genrec-triton\b", k8s, flags=re.M)
+    assert re.search(r"^  clusterIP: None\b", k8s, flags=re.M) and "type: ClusterIP" not in k8s

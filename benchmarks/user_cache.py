@@ -1,0 +1,409 @@
+"""The per-user K/V cache through Triton: returning users, cache on vs off, and Triton vs in process.
+
+    python -m genrec.benchmarks.user_cache            # ~10 min on 2 cores
+    python -m genrec.benchmarks.user_cache --quick    # ~2 min, short histories (a smoke run)
+
+A stream of returning users: each user starts with a history of L events and every request appends 1-5
+new ones (seeded). Served by a real tritonserver from a repository built with `genrec build` defaults but
+``--threads`` torch threads and a budget that holds every user; `recommend` with ``user_id`` (cache on)
+and without it (cache off, the same stream). Untrained weights of the reference size (d=128, 4 layers,
+8 heads of 16, max_len 2048 so that no window moves during the stream): speed does not depend on quality.
+
+1. cache on vs off, L in {200, 1000}, concurrency 1 and 16: throughput, p50/p99, hit rate, FLOPs per
+   request (counted as in `genrec.benchmarks.kv_cache`) and the GFLOP/s they ran at, beside the machine's
+   measured fp32 matmul peak;
+2. Triton vs the same work in process (`load_handler("recommender")` of the same repository, its own
+   cache), concurrency 1, requests interleaved, for the reference model and the small (paper) one;
+3. a budget that holds ~1/10 of the users: the bytes in use read from the metrics port never exceed it,
+   the hit rate, and the recommender process's resident memory.
+
+Writes benchmarks/results/user_cache.md and user_cache.png. Run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from genrec.benchmarks.common import (
+    RESULTS_DIR,
+    Section,
+    command_line,
+    machine_description,
+    matmul_peak_gflops,
+    oversubscription_warning,
+    percentile,
+    print_table,
+    write_markdown,
+)
+from genrec.benchmarks.kv_cache import cached_score_flops, prefill_flops
+from genrec.benchmarks.reliability import rss_mb_by_process
+from genrec.benchmarks.serving import REPO_ROOT, running_servers, save_untrained
+from genrec.builders.build import BuildConfig, build_repository
+from genrec.builders.handlers import load_handler
+from genrec.builders.model_config import read_config
+from genrec.client import RecommendClient, protocol
+from genrec.training.checkpoint import load_checkpoint
+from genrec.training.hstu import HSTUConfig
+
+
+@dataclass(frozen=True)
+class UserCacheBenchConfig:
+    lengths: tuple[int, ...] = (200, 1000)
+    concurrency: tuple[int, ...] = (1, 16)
+    users: int = 32  # returning users per run (each run its own, starting at L events)
+    requests_per_user: int = 3  # timed requests per user per run, after one untimed first visit
+    overhead_requests: int = 40  # Triton vs in process, each
+    overhead_length: int = 200
+    max_append: int = 5
+    k: int = 10
+    retrieve_k: int = 100
+    max_len: int = 2048
+    budget_mb: float = 1024.0  # holds every user of the runs above
+    eviction_users: int = 80  # the eviction run: 10x the users its budget holds
+    eviction_budget_users: int = 8
+    eviction_length: int = 200
+    eviction_requests: int = 240
+    threads: int = 2  # torch threads of each served model (BuildConfig.threads), and of the in-process runs
+    work_dir: Path = REPO_ROOT / "runs" / "bench" / "user_cache"
+    out_dir: Path = RESULTS_DIR
+    seed: int = 0
+
+
+QUICK = dict(lengths=(50,), users=8, requests_per_user=2, overhead_requests=10, overhead_length=50,
+             max_len=256, eviction_users=20, eviction_budget_users=2, eviction_length=50, eviction_requests=40)
+
+
+class Stream:
+    """Each user's whole event list, seeded: L events at the first visit, then 1-max_append more per visit."""
+
+    def __init__(self, item_ids: np.ndarray, length: int, users: int, visits: int, max_append: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        n = length + visits * max_append
+        self.items = item_ids[rng.integers(len(item_ids), size=(users, n))]
+        self.timestamps = 1_600_000_000 + np.cumsum(rng.integers(0, 3600, size=(users, n)), axis=1)
+        self.actions = rng.integers(1, 6, size=(users, n))
+        self.ends = length + np.cumsum(np.concatenate(
+            [np.zeros((users, 1), np.int64), rng.integers(1, max_append + 1, size=(users, visits))], axis=1), axis=1)
+
+    def request(self, user: int, visit: int) -> dict:
+        end = int(self.ends[user, visit])
+        return dict(user_seq=self.items[user, :end], timestamps=self.timestamps[user, :end],
+                    actions=self.actions[user, :end])
+
+    def appended(self, user: int, visit: int) -> int:
+        return int(self.ends[user, visit] - self.ends[user, visit - 1]) if visit else int(self.ends[user, 0])
+
+
+@dataclass
+class RunResult:
+    latencies_s: list[float]
+    wall_s: float
+    hits: int
+    requests: int
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.wall_s
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies_s, q) * 1e3
+
+
+def run_stream(url: str, stream: Stream, prefix: str, concurrency: int, visits: int, k: int, cached: bool) -> RunResult:
+    """Closed loop: `concurrency` callers, each with its own users in turn; every user's first visit is
+    untimed (it fills the cache), the next `visits` are timed."""
+    users = stream.items.shape[0]
+    latencies: list[float] = []
+    hits = [0]
+    lock = threading.Lock()
+    start_line = threading.Barrier(concurrency + 1)
+
+    def caller(worker: int) -> None:
+        mine = list(range(worker, users, concurrency))
+        with RecommendClient(url, timeout_s=300) as client:
+            def send(user: int, visit: int) -> int:
+                user_id = f"{prefix}-{user}" if cached else None
+                return client.recommend(k=k, user_id=user_id, **stream.request(user, visit)).cached_events
+
+            for user in mine:
+                send(user, 0)
+            start_line.wait()
+            for visit in range(1, visits + 1):
+                for user in mine:
+                    began = time.perf_counter()
+                    got = send(user, visit)
+                    elapsed = time.perf_counter() - began
+                    with lock:
+                        latencies.append(elapsed)
+                        hits[0] += got > 0
+
+    threads = [threading.Thread(target=caller, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    start_line.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    return RunResult(latencies, time.perf_counter() - began, hits[0], len(latencies))
+
+
+def request_flops(c: HSTUConfig, length: int, new: int, retrieve_k: int, num_items: int, cached: bool) -> int:
+    """One `recommend`: the prefill (new events on the cache, or the whole history), retrieval over the
+    item table, re-ranking retrieve_k candidates against the history."""
+    prefill = prefill_flops(c, new, length) if cached else prefill_flops(c, length + new)
+    return prefill + 2 * c.d_model * num_items + cached_score_flops(c, length + new, retrieve_k)
+
+
+def _metric(metrics_port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        found = re.search(rf'^{name}{{model="recommender"}} (\S+)$', response.read().decode(), re.MULTILINE)
+    return float(found.group(1)) if found else float("nan")
+
+
+def _checkpoint(preset: str, cfg: UserCacheBenchConfig) -> Path:
+    out = cfg.work_dir / f"{preset}-{cfg.max_len}" / "checkpoint"
+    if not (out / "config.json").exists():
+        save_untrained(preset, out, cfg.seed, max_len=cfg.max_len)
+    return out
+
+
+def _build(checkpoint: Path, name: str, budget_mb: float, cfg: UserCacheBenchConfig) -> Path:
+    repository = cfg.work_dir / "repos" / name
+    shutil.rmtree(repository, ignore_errors=True)
+    build_repository(BuildConfig(checkpoint=checkpoint, repository=repository, retrieve_k=cfg.retrieve_k,
+                                 user_cache_mb=budget_mb, threads=cfg.threads))
+    return repository
+
+
+def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCacheBenchConfig) -> tuple[float, float]:
+    """Median ms of the same cached stream through Triton, then through the recommender in this process (the
+    same repository, its own cache): one after the other, so that neither one's threads (OpenMP spins for a
+    while after each parallel region) slow the other down. First visits (whole histories) are not counted."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    config = read_config(repository / "recommender" / "config.pbtxt")
+    handler = load_handler("recommender", repository / "recommender" / "1",
+                           {key: value.string_value for key, value in config.parameters.items()})
+    users, visits = stream.items.shape[0], stream.ends.shape[1]
+    calls = [(user, visit) for visit in range(visits) for user in range(users)]
+    triton, local = [], []
+    with RecommendClient(url, timeout_s=300) as client:
+        for user, visit in calls:
+            began = time.perf_counter()
+            client.recommend(k=cfg.k, user_id=f"overhead-{user}", **stream.request(user, visit))
+            if visit:
+                triton.append(time.perf_counter() - began)
+    for user, visit in calls:
+        kwargs = stream.request(user, visit)
+        arrays = {
+            protocol.HISTORY_ITEM_IDS: kwargs["user_seq"][None],
+            protocol.HISTORY_TIMESTAMPS: kwargs["timestamps"][None],
+            protocol.HISTORY_ACTIONS: kwargs["actions"][None],
+            protocol.K: np.array([[cfg.k]], np.int32),
+            protocol.EXCLUDE_SEEN: np.array([[True]]),
+            protocol.USER_ID: np.array([[f"overhead-{user}".encode()]], dtype=np.object_),
+        }
+        began = time.perf_counter()
+        (result,) = handler.execute([arrays])
+        if visit:
+            local.append(time.perf_counter() - began)
+        assert not isinstance(result, Exception), result
+    return float(np.median(triton) * 1e3), float(np.median(local) * 1e3)
+
+
+def run(cfg: UserCacheBenchConfig, command: str) -> None:
+    machine = machine_description()
+    warning = oversubscription_warning()
+    peak = matmul_peak_gflops()
+    reference = _checkpoint("reference", cfg)
+    small = _checkpoint("paper", cfg)
+    model, meta = load_checkpoint(reference)
+    c = model.config
+    item_ids = meta.item_raw_ids.astype(np.int64)
+    num_items = len(item_ids)
+    rows, overhead_rows = [], []
+    results: dict = {"peak_gflops": peak, "runs": [], "overhead": [], "eviction": {}}
+    repos = {"reference": _build(reference, "reference", cfg.budget_mb, cfg),
+             "small": _build(small, "small", cfg.budget_mb, cfg)}
+    with running_servers([repos["reference"], repos["small"]], cfg.threads, cfg.work_dir / "logs") as servers:
+        ref_server, small_server = servers
+        mean_new = (1 + cfg.max_append) / 2
+        for length in cfg.lengths:
+            for concurrency in cfg.concurrency:
+                stream = Stream(item_ids, length, cfg.users, cfg.requests_per_user, cfg.max_append, cfg.seed + length)
+                measured = {}
+                for cached in (False, True):
+                    prefix = f"L{length}-c{concurrency}"
+                    print(f"L={length} concurrency {concurrency} cache {'on' if cached else 'off'} ...", flush=True)
+                    result = run_stream(ref_server.url, stream, prefix, concurrency, cfg.requests_per_user, cfg.k,
+                                        cached)
+                    flops = request_flops(c, length, round(mean_new), cfg.retrieve_k, num_items, cached)
+                    measured[cached] = result
+                    rows.append([length, concurrency, "on" if cached else "off", result.throughput,
+                                 result.p(50), result.p(99), result.hits / result.requests, flops / 1e6,
+                                 flops / (result.p(50) / 1e3) / 1e9 if concurrency == 1 else
+                                 flops * result.throughput / 1e9])
+                    results["runs"].append(dict(length=length, concurrency=concurrency, cached=cached,
+                                                throughput=result.throughput, p50_ms=result.p(50),
+                                                p99_ms=result.p(99), hit_rate=result.hits / result.requests,
+                                                mflops=flops / 1e6))
+                rows[-1].append(measured[True].throughput / measured[False].throughput)
+                rows[-2].append("")
+        for name, server in (("reference", ref_server), ("small", small_server)):
+            print(f"Triton vs in process, {name} ...", flush=True)
+            stream = Stream(item_ids, cfg.overhead_length, 4, cfg.overhead_requests // 4 + 2, cfg.max_append, 7)
+            triton_ms, local_ms = in_process_vs_triton(server.url, repos[name], stream, cfg)
+            overhead_rows.append([name, cfg.overhead_length, triton_ms, local_ms, triton_ms / local_ms])
+            results["overhead"].append(dict(model=name, triton_ms=triton_ms, in_process_ms=local_ms))
+    results["eviction"] = eviction_run(reference, item_ids, cfg)
+    write_report(cfg, command, machine, warning, c, num_items, peak, rows, overhead_rows, results)
+
+
+def eviction_run(checkpoint: Path, item_ids: np.ndarray, cfg: UserCacheBenchConfig) -> dict:
+    """Users drawn uniformly from 10x as many as the budget holds, at concurrency 16."""
+    model, _ = load_checkpoint(checkpoint)
+    c = model.config
+    capacity = cfg.eviction_length + cfg.max_append * 4
+    entry = 4 * c.num_layers * int(capacity * 1.5) * c.num_heads * (c.d_qk + c.d_v)  # an arena grows by half
+    budget_mb = cfg.eviction_budget_users * entry / 2**20
+    repository = _build(checkpoint, "eviction", budget_mb, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    stream = Stream(item_ids, cfg.eviction_length, cfg.eviction_users, cfg.eviction_requests, cfg.max_append, 3)
+    visits = np.zeros(cfg.eviction_users, np.int64)
+    order = rng.integers(cfg.eviction_users, size=cfg.eviction_requests)
+    hits, peak_bytes, lock, queue = 0, 0.0, threading.Lock(), list(order)
+    print(f"eviction: {cfg.eviction_users} users, a budget of {budget_mb:.1f} MB ...", flush=True)
+    with running_servers([repository], cfg.threads, cfg.work_dir / "logs") as (server,):
+        port = server.config.metrics_port
+        busy: set[int] = set()
+
+        def caller() -> None:
+            nonlocal hits, peak_bytes
+            with RecommendClient(server.url, timeout_s=300) as client:
+                while True:
+                    with lock:
+                        pick = next((i for i, u in enumerate(queue) if u not in busy), None)
+                        if pick is None:
+                            if not queue:
+                                return
+                            user = -1
+                        else:
+                            user = int(queue.pop(pick))
+                            busy.add(user)
+                            visit = int(visits[user])
+                            visits[user] += 1
+                    if user < 0:
+                        time.sleep(0.001)
+                        continue
+                    got = client.recommend(k=cfg.k, user_id=f"evict-{user}", **stream.request(user, visit))
+                    used = _metric(port, "genrec_user_cache_bytes")
+                    with lock:
+                        busy.discard(user)
+                        hits += got.cached_events > 0
+                        peak_bytes = max(peak_bytes, used)
+
+        threads = [threading.Thread(target=caller) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rss = rss_mb_by_process(server.pid).get("recommender", float("nan"))
+        budget = _metric(port, "genrec_user_cache_budget_bytes")
+        evictions = _metric(port, "genrec_user_cache_evictions_total")
+    return dict(users=cfg.eviction_users, budget_mb=budget / 2**20, peak_mb=peak_bytes / 2**20,
+                hit_rate=hits / cfg.eviction_requests, evictions=evictions, recommender_rss_mb=rss,
+                requests=cfg.eviction_requests)
+
+
+def plot(rows: Sequence[Sequence[object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({(int(r[0]), int(r[1])) for r in rows})  # type: ignore[call-overload]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(labels))
+    for offset, state in ((-0.2, "off"), (0.2, "on")):
+        chosen = {(r[0], r[1]): r for r in rows if r[2] == state}
+        axes[0].bar(x + offset, [chosen[lab][3] for lab in labels], 0.4, label=f"cache {state}")
+        axes[1].bar(x + offset, [chosen[lab][5] for lab in labels], 0.4, label=f"cache {state}")
+    for ax, title in zip(axes, ("throughput (requests/s)", "p99 latency (ms)"), strict=True):
+        ax.set_xticks(x, [f"L={length}\nconc {conc}" for length, conc in labels])
+        ax.set_title(title)
+        ax.legend()
+    axes[1].set_yscale("log")
+    fig.suptitle("recommend through Triton: returning users, cache on vs off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: UserCacheBenchConfig, command: str, machine: str, warning: str | None, c: HSTUConfig,
+                 num_items: int, peak: float, rows: list, overhead_rows: list, results: dict) -> None:
+    headers = ["L", "concurrency", "cache", "requests/s", "p50 ms", "p99 ms", "hit rate", "MFLOP/request",
+               "GFLOP/s", "on / off throughput"]
+    print_table("recommend through Triton", headers, rows)
+    overhead_headers = ["model", "L", "Triton p50 ms", "in process p50 ms", "Triton / in process"]
+    print_table("Triton vs in process (cache on, concurrency 1)", overhead_headers, overhead_rows)
+    ev = results["eviction"]
+    eviction_rows = [[ev["users"], ev["budget_mb"], ev["peak_mb"], ev["hit_rate"], ev["evictions"],
+                      ev["recommender_rss_mb"], ev["requests"]]]
+    eviction_headers = ["users", "budget MB", "most bytes in use (MB)", "hit rate", "evictions",
+                        "recommender RSS MB", "requests"]
+    print_table("10x more users than the budget holds", eviction_headers, eviction_rows)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    image = cfg.out_dir / "user_cache.png"
+    plot(rows, image)
+    (cfg.out_dir / "user_cache.json").write_text(json.dumps(results, indent=1, default=str))
+    notes = [
+        f"Model: untrained reference size (d={c.d_model}, {c.num_layers} layers, {c.num_heads} heads of "
+        f"d_qk={c.d_qk}, d_v={c.d_v}), max_len {c.max_len}, on ML-100K's {num_items} items; k={cfg.k}, "
+        f"retrieve_k={cfg.retrieve_k}; {cfg.threads} torch threads per served model; fp32 CPU.",
+        f"Stream: {cfg.users} users per run, each first visit (L events) untimed, then {cfg.requests_per_user} "
+        f"timed visits appending 1-{cfg.max_append} events each; cache off sends the same requests without "
+        "user_id.",
+        "FLOPs per request are counted as in kv_cache.py (only the pairs the mask allows): the prefill of the new "
+        "events on top of the cache (cache on) or of the whole history (off), retrieval (2·d per item) and "
+        f"re-ranking {cfg.retrieve_k} candidates. GFLOP/s: at concurrency 1 FLOPs / p50, at 16 FLOPs x "
+        f"throughput. Measured fp32 matmul peak: {peak:.1f} GFLOP/s.",
+        "Triton vs in process: the same recommender code and repository, its own cache, the same requests (the "
+        "Triton run first, then the in-process one); the in-process time is the handler alone (no gRPC, no "
+        "Triton, no client validation).",
+        "Eviction: users drawn uniformly at random from 10x as many as the budget holds, concurrency 16; the "
+        "bytes in use are read from the metrics port after every request.",
+    ]
+    if warning:
+        notes.append(warning)
+    write_markdown(cfg.out_dir / "user_cache.md", "Per-user K/V cache through Triton", command, headers, rows,
+                   notes=notes, image=image, machine=machine,
+                   sections=[Section("Triton vs in process (cache on, concurrency 1)", overhead_headers, overhead_rows),
+                             Section("10x more users than the budget holds", eviction_headers, eviction_rows)])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short histories, few requests (a smoke run)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    cfg = UserCacheBenchConfig(out_dir=args.out_dir)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)  # type: ignore[arg-type]
+    run(cfg, command_line())
+
+
+if __name__ == "__main__":
+    main()
