@@ -187,7 +187,24 @@ def _build(checkpoint: Path, name: str, budget_mb: float, cfg: UserCacheBenchCon
     return repository
 
 
-def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCacheBenchConfig) -> tuple[float, float]:
+def server_time_ms(url: str, models: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Triton's cumulative per-model statistics: phase -> (count, ns)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as raw:
+        out = {}
+        for model in models:
+            stats = raw.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+            out[model] = {phase: (int(v.get("count", 0)), int(v.get("ns", 0))) for phase, v in stats.items()}
+        return out
+
+
+def phase_ms(before: dict, after: dict, model: str, phase: str) -> float:
+    count = after[model][phase][0] - before[model][phase][0]
+    return (after[model][phase][1] - before[model][phase][1]) / max(count, 1) / 1e6
+
+
+def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCacheBenchConfig) -> dict[str, float]:
     """Median ms of the same cached stream through Triton, then through the recommender in this process (the
     same repository, its own cache): one after the other, so that neither one's threads (OpenMP spins for a
     while after each parallel region) slow the other down. First visits (whole histories) are not counted."""
@@ -200,12 +217,17 @@ def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCa
     users, visits = stream.items.shape[0], stream.ends.shape[1]
     calls = [(user, visit) for visit in range(visits) for user in range(users)]
     triton, local = [], []
+    models = (protocol.RECOMMEND, "recommender")
     with RecommendClient(url, timeout_s=300) as client:
-        for user, visit in calls:
+        for user, visit in calls[:users]:  # first visits: whole histories, not counted
+            client.recommend(k=cfg.k, user_id=f"overhead-{user}", **stream.request(user, visit))
+        before = server_time_ms(url, models)
+        for user, visit in calls[users:]:
             began = time.perf_counter()
             client.recommend(k=cfg.k, user_id=f"overhead-{user}", **stream.request(user, visit))
-            if visit:
-                triton.append(time.perf_counter() - began)
+            triton.append(time.perf_counter() - began)
+        time.sleep(0.5)  # Triton counts an ensemble's request just after answering it
+        after = server_time_ms(url, models)
     for user, visit in calls:
         kwargs = stream.request(user, visit)
         arrays = {
@@ -221,7 +243,17 @@ def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCa
         if visit:
             local.append(time.perf_counter() - began)
         assert not isinstance(result, Exception), result
-    return float(np.median(triton) * 1e3), float(np.median(local) * 1e3)
+    return {
+        "triton_ms": float(np.median(triton) * 1e3),
+        "in_process_ms": float(np.median(local) * 1e3),
+        # where a request's time goes (means), from Triton's statistics
+        "server_ms": phase_ms(before, after, protocol.RECOMMEND, "success"),
+        "queue_ms": phase_ms(before, after, "recommender", "queue"),
+        "stub_ms": phase_ms(before, after, "recommender", "compute_infer"),
+        "io_ms": phase_ms(before, after, "recommender", "compute_input") + phase_ms(before, after, "recommender",
+                                                                                   "compute_output"),
+        "client_mean_ms": float(np.mean(triton) * 1e3),
+    }
 
 
 def run(cfg: UserCacheBenchConfig, command: str) -> None:
@@ -265,9 +297,11 @@ def run(cfg: UserCacheBenchConfig, command: str) -> None:
         for name, server in (("reference", ref_server), ("small", small_server)):
             print(f"Triton vs in process, {name} ...", flush=True)
             stream = Stream(item_ids, cfg.overhead_length, 4, cfg.overhead_requests // 4 + 2, cfg.max_append, 7)
-            triton_ms, local_ms = in_process_vs_triton(server.url, repos[name], stream, cfg)
-            overhead_rows.append([name, cfg.overhead_length, triton_ms, local_ms, triton_ms / local_ms])
-            results["overhead"].append(dict(model=name, triton_ms=triton_ms, in_process_ms=local_ms))
+            t = in_process_vs_triton(server.url, repos[name], stream, cfg)
+            overhead_rows.append([name, cfg.overhead_length, t["triton_ms"], t["in_process_ms"],
+                                  t["triton_ms"] / t["in_process_ms"], t["client_mean_ms"], t["server_ms"],
+                                  t["queue_ms"], t["io_ms"], t["stub_ms"]])
+            results["overhead"].append(dict(model=name, **t))
     results["eviction"] = eviction_run(reference, item_ids, cfg)
     write_report(cfg, command, machine, warning, c, num_items, peak, rows, overhead_rows, results)
 
@@ -357,7 +391,8 @@ def write_report(cfg: UserCacheBenchConfig, command: str, machine: str, warning:
     headers = ["L", "concurrency", "cache", "requests/s", "p50 ms", "p99 ms", "hit rate", "MFLOP/request",
                "GFLOP/s", "on / off throughput"]
     print_table("recommend through Triton", headers, rows)
-    overhead_headers = ["model", "L", "Triton p50 ms", "in process p50 ms", "Triton / in process"]
+    overhead_headers = ["model", "L", "Triton p50 ms", "in process p50 ms", "Triton / in process",
+                        "client mean ms", "in server ms", "queue ms", "tensors in/out ms", "Python model ms"]
     print_table("Triton vs in process (cache on, concurrency 1)", overhead_headers, overhead_rows)
     ev = results["eviction"]
     eviction_rows = [[ev["users"], ev["budget_mb"], ev["peak_mb"], ev["hit_rate"], ev["evictions"],
@@ -382,7 +417,11 @@ def write_report(cfg: UserCacheBenchConfig, command: str, machine: str, warning:
         f"throughput. Measured fp32 matmul peak: {peak:.1f} GFLOP/s.",
         "Triton vs in process: the same recommender code and repository, its own cache, the same requests (the "
         "Triton run first, then the in-process one); the in-process time is the handler alone (no gRPC, no "
-        "Triton, no client validation).",
+        "Triton, no client validation). Where the Triton request's time goes (means, Triton's statistics): "
+        "in server = the `recommend` ensemble's request time; queue, tensors in/out and Python model = the "
+        "`recommender` step's phases, the last being its `execute` (the handler plus the Python backend's "
+        "request/response handling and genrec's metrics); client mean - in server = client validation, "
+        "serialisation and gRPC.",
         "Eviction: users drawn uniformly at random from 10x as many as the budget holds, concurrency 16; the "
         "bytes in use are read from the metrics port after every request.",
     ]

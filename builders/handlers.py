@@ -418,22 +418,26 @@ class Recommender:
             users = np.stack([states[i][0].user for i in recommend])
             exclude = [parsed[i].history.seen if parsed[i].exclude_seen else np.zeros(1, np.int64) for i in recommend]
             retrieved = dict(zip(recommend, self.retrieval.search(users, exclude), strict=True))
+        candidates = [p.candidates if p.candidates is not None else retrieved[i][0] for i, p in enumerate(parsed)]
+        scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(parsed)
+        scored = [i for i, c in enumerate(candidates) if len(c)]  # a user who has seen everything: nothing to score
+        lengths = np.array([len(parsed[i].history.items) for i in scored])
+        for group in length_groups(lengths) if scored else []:  # users of similar lengths scored together
+            rows = [scored[j] for j in group]
+            for i, found in zip(rows, self.runtime.score_states([states[i][0] for i in rows],
+                                                                [candidates[i] for i in rows]), strict=True):
+                scores[i] = found
         results = []
-        for i, (p, (state, cached)) in enumerate(zip(parsed, states, strict=True)):
+        for p, (_, cached), ids, score in zip(parsed, states, candidates, scores, strict=True):
             report = {
                 protocol.NUM_UNKNOWN: np.array([[p.history.num_unknown]], np.int32),
                 protocol.NUM_TRUNCATED: np.array([[p.history.num_truncated]], np.int32),
                 protocol.CACHED_EVENTS: np.array([[cached]], np.int32),
             }
-            if p.candidates is not None:
-                scores = self.runtime.score_state(state, p.candidates)
-                results.append({protocol.SCORES: scores[None], **report})
-                continue
-            ids = retrieved[i][0]
-            scores = self.runtime.score_state(state, ids) if len(ids) else np.zeros(0, np.float32)
-            raw = self.catalogue.vocab.to_raw(ids).astype(np.int64)
-            assert p.k is not None
-            results.append({**TopN.top(raw, scores, p.k), **report})
+            if p.k is None:  # rank: the caller's candidates, in their order
+                results.append({protocol.SCORES: score[None], **report})
+            else:
+                results.append({**TopN.top(self.catalogue.vocab.to_raw(ids).astype(np.int64), score, p.k), **report})
         return results
 
     def _state(self, p: UserRequest) -> tuple[UserState, int]:

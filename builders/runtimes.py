@@ -49,6 +49,9 @@ class Runtime(Protocol):
         ...
 
 
+BATCH_KV_BYTES = 2 * 2**20  # see TorchRuntime.score_states
+
+
 @dataclass
 class UserState:
     """One user's encoded history: what the user cache keeps. ``cache`` is the runtime's own K/V (torch
@@ -74,6 +77,10 @@ class UserRuntime(Protocol):
         """Candidates (C,) dense ids -> (C,) served scores."""
         ...
 
+    def score_states(self, states: list[UserState], candidates: list[np.ndarray]) -> list[np.ndarray]:
+        """`score_state` for several users (of similar lengths) at once."""
+        ...
+
 
 class Stateless:
     """`UserRuntime` over any `Runtime`: each request prefills its whole history (no append)."""
@@ -94,6 +101,9 @@ class Stateless:
         out, timestamps = cast(tuple[Prefilled, np.ndarray], state.cache)
         lengths = np.array([timestamps.shape[1]])
         return self.runtime.score(out.keys, out.values, timestamps, lengths, out.user, candidates[None])[0]
+
+    def score_states(self, states: list[UserState], candidates: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.score_state(state, c) for state, c in zip(states, candidates, strict=True)]
 
 
 class TorchRuntime:
@@ -159,3 +169,31 @@ class TorchRuntime:
         assert isinstance(cache, KVCache)
         user = self._tensor(state.user[None])
         return self.model.score_candidates(cache, user, self._tensor(candidates[None]))[0, :, 0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def score_states(self, states: list[UserState], candidates: list[np.ndarray]) -> list[np.ndarray]:
+        """One pass of the layers for all these users, their K/V copied into one batch padded to the longest:
+        for short histories the copy is far cheaper than a pass per user of small matmuls and Python
+        overhead. A user whose K/V is over `BATCH_KV_BYTES` is scored alone: there the pass is compute, and
+        batching only adds the copy (measured on 2 cores at the reference size: 16 users of 200 events
+        7.7 -> 5.8 ms each, of 1,000 events 11.2 -> 14.3 ms; the crossover near 500 events, 2 MB)."""
+        if len(states) == 1 or max(s.nbytes for s in states) > BATCH_KV_BYTES:
+            return [self.score_state(s, c) for s, c in zip(states, candidates, strict=True)]
+        caches = [cast(KVCache, s.cache) for s in states]
+        lengths = torch.cat([c.lengths for c in caches])
+        width, first = int(lengths.max()), caches[0]
+        layers, _, _, heads, d_qk = first.keys.shape
+        keys = first.keys.new_zeros((layers, len(caches), width, heads, d_qk))
+        values = first.values.new_zeros((layers, len(caches), width, heads, first.values.shape[-1]))
+        timestamps = first.timestamps.new_zeros((len(caches), width))
+        for b, cache in enumerate(caches):
+            n = int(cache.lengths[0])
+            keys[:, b, :n], values[:, b, :n], timestamps[b, :n] = cache.keys[:, 0, :n], cache.values[:, 0, :n], cache.timestamps[0, :n]
+        counts = [len(c) for c in candidates]
+        padded = np.ones((len(candidates), max(counts)), np.int64)  # item 1 stands in for padding, then dropped
+        for b, c in enumerate(candidates):
+            padded[b, : len(c)] = c
+        user = self._tensor(np.stack([s.user for s in states]))
+        scores = self.model.score_candidates(KVCache(keys, values, timestamps, lengths), user, self._tensor(padded))
+        out = scores[..., 0].float().cpu().numpy()
+        return [out[b, :count] for b, count in enumerate(counts)]
