@@ -63,7 +63,7 @@ class UserCacheBenchConfig:
     lengths: tuple[int, ...] = (200, 1000)
     concurrency: tuple[int, ...] = (1, 16)
     users: int = 32  # returning users per run (each run its own, starting at L events)
-    requests_per_user: int = 3  # timed requests per user per run, after one untimed first visit
+    requests_per_user: int = 6  # timed requests per user per run, after one untimed first visit
     overhead_requests: int = 40  # Triton vs in process, each
     overhead_length: int = 200
     max_append: int = 5

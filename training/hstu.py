@@ -186,6 +186,24 @@ class HSTULayer(nn.Module):
         return torch.einsum("bhqk,bkhd->bqhd", weights, v)  # no attention dropout, as in the paper's code
 
 
+MASKED = -1e9  # a masked key's bias: SiLU of it is exactly 0, so the mask needs no pass of its own
+
+
+def attend_cached(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """`HSTULayer.attend` for queries against a cache, in three kernels: q (B, T, H, dqk), keys/values
+    (B, L, H, d), bias (B, T or 1, L) holding `MASKED` where a key is masked -> (B, T, H, dv).
+
+    The (T x L) scores per head are one ``baddbmm`` (matmul plus bias) and one in-place SiLU; the 1/max_len
+    ``scale`` is applied to the (T, dv) result. Serving paths only (prefill on a cache, candidate scoring):
+    training keeps the plain masked form.
+    """
+    heads = q.shape[2]
+    bias = bias[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (B*H, T or 1, L); flatten: shapes stay traced
+    scores = torch.baddbmm(bias, q.transpose(1, 2).flatten(0, 1), keys.permute(0, 2, 3, 1).flatten(0, 1))
+    out = torch.bmm(F.silu(scores, inplace=True), values.transpose(1, 2).flatten(0, 1))
+    return out.unflatten(0, (-1, heads)).transpose(1, 2) * scale
+
+
 class RankHead(nn.Module):
     """The ranking head: a correction to the retrieval logit per task, from the candidate token's final state
     and the candidate's recent popularity features (when the model has them)."""
@@ -304,15 +322,18 @@ class HSTU(nn.Module):
 
         key_pos = torch.arange(width, device=device)
         distance = new_pos[:, :, None] - key_pos[None, None, :]  # (B, N, W)
-        mask = ((distance >= 0) & (key_pos[None, None, :] < total[:, None, None])).float()
+        masked = ~((distance >= 0) & (key_pos[None, None, :] < total[:, None, None]))
+        padding = masked.float() * MASKED
         buckets = RelativeBias.buckets(distance, batch.timestamps[:, :, None] - timestamps[:, None, :], self.config)
         x = self.embed(batch.items, batch.actions)
+        scale = 1.0 / self.config.max_len
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
             arena.keys[i][rows, write_pos] = k
             arena.values[i][rows, write_pos] = v
-            x = layer.finish(x, layer.attend(q, arena.keys[i, :, :width], arena.values[i, :, :width],
-                                             layer.bias(buckets), mask), u)
+            attended = attend_cached(q, arena.keys[i, :, :width], arena.values[i, :, :width],
+                                     layer.bias(buckets) + padding, scale)
+            x = layer.finish(x, attended, u)
         return x, arena.view(width, total)
 
     # ---- candidate scoring against the cache ---------------------------------------------------------------
@@ -338,16 +359,10 @@ class HSTU(nn.Module):
         return self.head(self.candidate_states(cache, candidates, request_time), user, candidates, request_time)
 
     def candidate_states(self, cache: KVCache, candidates: Tensor, request_time: Tensor) -> Tensor:
-        """Each candidate (B, C) as one more token after the cached history -> its final state (B, C, D).
-
-        The (C x L) attention per head is one fused matmul-plus-bias (``baddbmm``) and one SiLU: the padding
-        mask rides in the bias as -1e9 (SiLU of it is exactly 0) and the 1/max_len scale is applied to the
-        (C, d) result, so no further pass over the (B, H, C, L) scores is made.
-        """
-        b, c = candidates.shape
-        heads, width = self.config.num_heads, cache.keys.shape[2]
+        """Each candidate (B, C) as one more token after the cached history -> its final state (B, C, D)."""
+        width = cache.keys.shape[2]
         key_pos = torch.arange(width, device=candidates.device)
-        padding = (key_pos[None, :] >= cache.lengths[:, None]).float() * -1e9  # (B, L)
+        padding = (key_pos[None, :] >= cache.lengths[:, None]).float() * MASKED  # (B, L)
         distance = cache.lengths[:, None] - key_pos[None, :]  # candidate sits at position L
         hist_buckets = RelativeBias.buckets(distance, request_time[:, None] - cache.timestamps, self.config)
         zero = torch.zeros(1, dtype=torch.long, device=candidates.device)
@@ -356,13 +371,9 @@ class HSTU(nn.Module):
         x = self.embed(candidates, torch.zeros_like(candidates))  # (B, C, D), action unknown
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
-            bias = (layer.bias(hist_buckets) + padding)[:, None, None, :].expand(b, heads, 1, width)
-            keys = cache.keys[i].permute(0, 2, 3, 1).reshape(b * heads, -1, width)  # (B*H, d_qk, L)
-            values = cache.values[i].transpose(1, 2).reshape(b * heads, width, -1)  # (B*H, L, d_v)
-            scores = torch.baddbmm(bias.reshape(b * heads, 1, width), q.transpose(1, 2).reshape(b * heads, c, -1), keys)
-            hist = torch.bmm(F.silu(scores, inplace=True), values).reshape(b, heads, c, -1).transpose(1, 2)
-            own = F.silu((q * k).sum(-1) + layer.bias(self_buckets))  # (B, C, H)
-            x = layer.finish(x, (hist + own[..., None] * v) * scale, u)
+            hist = attend_cached(q, cache.keys[i], cache.values[i], (layer.bias(hist_buckets) + padding)[:, None], scale)
+            own = F.silu((q * k).sum(-1) + layer.bias(self_buckets))  # (B, C, H): a candidate sees itself
+            x = layer.finish(x, hist + (own * scale)[..., None] * v, u)
         return x
 
     def head(self, x: Tensor, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
