@@ -467,13 +467,17 @@ def run(cfg: KVBenchConfig, command: str) -> None:
         f"{cfg.repeats} rounds of {cfg.fast_calls_per_round} fast calls + 1 slow call, so both see the same "
         "background load; medians, IQR = p75 - p25. "
         "torch.inference_mode(), eval mode, batch = 1 user. The machine is shared: compare ratios within a run.",
-        "where the time goes (torch.profiler on this machine, not part of this run): cached scoring at large C "
-        "spends ~60% in elementwise passes over the (C, H, L) score tensor (bias add, SiLU, mask, 1/max_len "
-        "scale: 16 MiB per 512-candidate chunk per layer at L=1000) and ~30% in bmm with an inner dimension "
-        "of d_qk = 16, so it is memory-bound far below the matmul rate. Incremental prefill writes the new "
-        "event's K/V into the cache's spare room (`KVArena`), so it reads the cached K/V once and copies "
-        "nothing; its 2.7 MFLOP are spent ~40% in eight tiny bmm calls over strided K/V and the rest in "
-        "per-op overhead (~60 ops of 5-30 us).",
+        "where the time goes (torch.profiler on this machine, not part of this run; L=1000, C=100, 2 threads): "
+        "cached scoring runs each layer's (C, H, L) attention as one baddbmm (matmul + bias, the padding mask "
+        "inside the bias), one in-place SiLU and one bmm (`hstu.attend_cached`): ~27% baddbmm, ~14% SiLU, "
+        "~13% bmm, ~15% copies that lay the cached K/V out head-major for them (the cache is stored "
+        "(layers, B, L, H, d)), ~14% the candidates' projections (addmm, near the matmul rate). Its floor: the "
+        "274 MFLOP take ~1 ms at the matmul rate, but the (C, H, L) scores (3.2 MB per layer) are written and "
+        "read three times per layer, ~40 MB a request, ~2 ms at the ~20 GB/s two cores stream: memory-bound, "
+        "and the inner dimension d_qk = 16 keeps the bmm far below the matmul rate. Closing that needs a fused "
+        "kernel that never materialises the scores. Incremental prefill writes the new event's K/V into the "
+        "cache's spare room (`KVArena`), so it reads the cached K/V once and copies nothing; its 2.7 MFLOP are "
+        "dominated by per-op overhead (~60 ops of 5-30 us).",
         *([f"measured under load: {warning}"] if warning else []),
         f"model: {model_config}",
         f"benchmark config: {dataclasses.replace(cfg, out_dir=Path('benchmarks/results'))}",
