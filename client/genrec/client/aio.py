@@ -153,21 +153,18 @@ class AsyncRecommendClient:
 
     async def _send(self, call: wire.Call[R]) -> R:
         """As `RecommendClient._send`: the user's replicas in order, rounds apart by a jittered backoff."""
-        order = self._router.order(call.user_id)
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(wire.jittered_backoff_s(attempt - 1))
-            for replica in order:
-                try:
-                    result = await self._replicas[replica].infer(
-                        call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
-                    )
-                except InferenceServerException as exc:
-                    err = wire.error(exc, call.model, self.urls[replica])
-                    if not wire.is_transient(err):
-                        raise err from None
-                else:
-                    return call.parse(result)
+        for replica, wait in wire.attempts(self._router.order(call.user_id), self.retries):
+            await asyncio.sleep(wait)
+            try:
+                result = await self._replicas[replica].infer(
+                    call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
+                )
+            except InferenceServerException as exc:
+                err = wire.error(exc, call.model, self.urls[replica])
+                if not wire.is_transient(err):
+                    raise err from None
+            else:
+                return call.parse(result)
         raise err
 
     async def _send_all(self, calls: list[wire.Call[R]]) -> list[R]:

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -276,6 +276,14 @@ class Router:
             first = next(self._turn) % n
             return [(first + i) % n for i in range(n)]
         return sorted(range(n), key=lambda i: _weight(self.urls[i], user_id), reverse=True)
+
+
+def attempts(order: list[int], retries: int) -> Iterator[tuple[int, float]]:
+    """(replica, seconds to wait first) of every attempt: the replicas in order, then ``retries`` more rounds,
+    each after a jittered backoff."""
+    for round_ in range(retries + 1):
+        for i, replica in enumerate(order):
+            yield replica, jittered_backoff_s(round_ - 1) if round_ and i == 0 else 0.0
 
 
 def _weight(url: str, user_id: str) -> bytes:
