@@ -176,6 +176,18 @@ def _in_length_groups(rows: list, lengths: np.ndarray, compute) -> list:  # type
     return results
 
 
+def _similar(rows: list[int], lengths: list[int], counts: list[int]) -> list[list[int]]:
+    """`rows` in groups of similar history length and, within those, similar candidate count: scored together
+    they pad little (a maximal `rank` never pads a `recommend` of its batch to its candidate count)."""
+    if not rows:
+        return []
+    groups = []
+    for by_length in length_groups(np.array(lengths)):
+        for by_count in length_groups(np.array(counts)[by_length]):
+            groups.append([rows[int(j)] for j in by_length[by_count]])
+    return groups
+
+
 def _run_valid(requests: list[Request], parse, compute) -> list[Result]:  # type: ignore[no-untyped-def]
     """Parse each request; compute the valid ones as one batch; errors stay with their own request."""
     results: list[Result] = []
@@ -421,12 +433,10 @@ class Recommender:
         candidates = [p.candidates if p.candidates is not None else retrieved[i][0] for i, p in enumerate(parsed)]
         scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(parsed)
         scored = [i for i, c in enumerate(candidates) if len(c)]  # a user who has seen everything: nothing to score
-        lengths = np.array([len(parsed[i].history.items) for i in scored])
-        for group in length_groups(lengths) if scored else []:  # users of similar lengths scored together
-            rows = [scored[j] for j in group]
-            for i, found in zip(rows, self.runtime.score_states([states[i][0] for i in rows],
-                                                                [candidates[i] for i in rows]), strict=True):
-                scores[i] = found
+        for rows in _similar(scored, [len(parsed[i].history.items) for i in scored], [len(candidates[i]) for i in scored]):
+            found = self.runtime.score_states([states[i][0] for i in rows], [candidates[i] for i in rows])
+            for i, score in zip(rows, found, strict=True):
+                scores[i] = score
         results = []
         for p, (_, cached), ids, score in zip(parsed, states, candidates, scores, strict=True):
             report = {

@@ -185,3 +185,8 @@ def test_bad_user_ids_are_refused(served, user: np.ndarray, message: str) -> Non
     bad = {**request(catalogue.vocab.raw_ids[:3], [1, 2, 3], [0, 0, 0]), protocol.USER_ID: user}
     (result,) = recommender(UserCache(budget_bytes=2**20)).execute([bad])
     assert isinstance(result, h.RequestError) and re.search(message, str(result))
+
+
+def test_users_are_scored_together_only_with_similar_lengths_and_candidate_counts() -> None:
+    groups = h._similar([7, 8, 9, 10], lengths=[10, 10, 12, 500], counts=[100, 2000, 100, 100])
+    assert sorted(sorted(g) for g in groups) == [[7, 9], [8], [10]]  # a maximal rank pads no recommend
