@@ -136,13 +136,14 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def git_revision() -> str:
-    """Short hash of HEAD, with ``+dirty`` when the working tree has uncommitted changes."""
+    """Short hash of HEAD, with ``+dirty`` when the working tree has uncommitted changes (the results folder
+    aside: a benchmark's own outputs, written before its report, do not make the code it ran dirty)."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS_DIR}"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
