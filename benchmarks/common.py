@@ -143,7 +143,8 @@ def git_revision() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS_DIR}"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             f":(exclude){RESULTS_DIR.relative_to(REPO_ROOT)}"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
