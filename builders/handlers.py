@@ -16,14 +16,15 @@ response. One request is one user; every array has a leading batch dimension of 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from genrec.builders.limits import Limits, RequestError
+from genrec.builders.limits import Cancelled, Limits, RequestError
 from genrec.builders.runtimes import Runtime, Stateless, TorchRuntime, UserRuntime, UserState
 from genrec.builders.user_cache import RawHistory, UserCache
 from genrec.client import protocol, validate
@@ -188,7 +189,7 @@ def _similar(rows: list[int], lengths: list[int], counts: list[int]) -> list[lis
     return groups
 
 
-def _run_valid(requests: list[Request], parse, compute) -> list[Result]:  # type: ignore[no-untyped-def]
+def _run_valid(requests: Sequence[object], parse, compute) -> list[Result]:  # type: ignore[no-untyped-def]
     """Parse each request; compute the valid ones as one batch; errors stay with their own request."""
     results: list[Result] = []
     parsed = []
@@ -383,7 +384,7 @@ class UserRequest:
     k: int | None
     exclude_seen: bool
     candidates: np.ndarray | None  # dense ids
-    candidate_ids: np.ndarray | None  # as sent
+    gone: Callable[[], bool] = lambda: False  # the caller has cancelled (or its deadline passed)
 
 
 class Recommender:
@@ -395,14 +396,14 @@ class Recommender:
     """
 
     def __init__(self, runtime: UserRuntime, retrieval: ItemRetrieval, catalogue: Catalogue, max_len: int,
-                 block: int, limits: Limits, cache: UserCache | None) -> None:
+                 block: int, limits: Limits, cache: UserCache | None, chunk: int = 512) -> None:
         if cache is not None and not runtime.can_extend:
             raise ValueError("the user cache needs a runtime that can append events (runtime='torch')")
         self.runtime, self.retrieval, self.catalogue = runtime, retrieval, catalogue
-        self.max_len, self.block, self.limits, self.cache = max_len, block, limits, cache
+        self.max_len, self.block, self.limits, self.cache, self.chunk = max_len, block, limits, cache, chunk
 
     def _parse(self, request: Request) -> UserRequest:
-        candidates = candidate_ids = k = None
+        candidates = k = None
         if protocol.CANDIDATE_ITEM_IDS in request:
             candidate_ids = _row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
             if len(candidate_ids) == 0:
@@ -417,12 +418,16 @@ class Recommender:
         exclude = bool(_scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
         user_id = _user_id(request)
         history = parse_history(request, self.catalogue, self.max_len, self.limits, self.block)
-        return UserRequest(history, user_id, k, exclude, candidates, candidate_ids)
+        return UserRequest(history, user_id, k, exclude, candidates)
 
-    def execute(self, requests: list[Request]) -> list[Result]:
-        return _run_valid(requests, self._parse, self._serve)
+    def execute(self, requests: list[Request], gone: Sequence[Callable[[], bool]] = ()) -> list[Result]:
+        """``gone``: per request, whether its caller has gone (Triton's ``is_cancelled``, one message to the
+        server each, so it is asked only between chunks of ``chunk`` candidates: model.py asks once before);
+        a maximal `rank` whose caller cancelled stops holding the model after its current chunk."""
+        with_gone = list(zip(requests, gone or [lambda: False] * len(requests), strict=True))
+        return _run_valid(with_gone, lambda pair: replace(self._parse(pair[0]), gone=pair[1]), self._serve)
 
-    def _serve(self, parsed: list[UserRequest]) -> list[dict[str, np.ndarray]]:
+    def _serve(self, parsed: list[UserRequest]) -> list[Result]:
         states = [self._state(p) for p in parsed]
         recommend = [i for i, p in enumerate(parsed) if p.candidates is None]
         retrieved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -433,12 +438,26 @@ class Recommender:
         candidates = [p.candidates if p.candidates is not None else retrieved[i][0] for i, p in enumerate(parsed)]
         scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(parsed)
         scored = [i for i, c in enumerate(candidates) if len(c)]  # a user who has seen everything: nothing to score
+        gone: set[int] = set()
         for rows in _similar(scored, [len(parsed[i].history.items) for i in scored], [len(candidates[i]) for i in scored]):
-            found = self.runtime.score_states([states[i][0] for i in rows], [candidates[i] for i in rows])
-            for i, score in zip(rows, found, strict=True):
-                scores[i] = score
-        results = []
-        for p, (_, cached), ids, score in zip(parsed, states, candidates, scores, strict=True):
+            parts: dict[int, list[np.ndarray]] = {i: [] for i in rows}
+            for start in range(0, max(len(candidates[i]) for i in rows), self.chunk):
+                if start:
+                    gone |= {i for i in rows if i not in gone and parsed[i].gone()}
+                todo = [i for i in rows if i not in gone and start < len(candidates[i])]
+                if not todo:
+                    continue
+                found = self.runtime.score_states([states[i][0] for i in todo],
+                                                  [candidates[i][start : start + self.chunk] for i in todo])
+                for i, score in zip(todo, found, strict=True):
+                    parts[i].append(score)
+            for i in rows:
+                scores[i] = np.concatenate(parts[i]) if parts[i] else scores[i]
+        results: list[Result] = []
+        for j, (p, (_, cached), ids, score) in enumerate(zip(parsed, states, candidates, scores, strict=True)):
+            if j in gone:
+                results.append(Cancelled("the caller went away while its candidates were scored"))
+                continue
             report = {
                 protocol.NUM_UNKNOWN: np.array([[p.history.num_unknown]], np.int32),
                 protocol.NUM_TRUNCATED: np.array([[p.history.num_truncated]], np.int32),
@@ -490,7 +509,7 @@ def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Ha
         cache_bytes = int(float(parameters.get("user_cache_mb", 0)) * 2**20)
         cache = UserCache(cache_bytes, float(parameters.get("user_cache_ttl_s", 0))) if cache_bytes else None
         user_runtime = runtime if isinstance(runtime, TorchRuntime) else Stateless(runtime)
-        return Recommender(user_runtime, retrieval, catalogue, max_len, block, limits, cache)
+        return Recommender(user_runtime, retrieval, catalogue, max_len, block, limits, cache, int(config["score_chunk"]))
     if kind == "user_encoder":
         return UserEncoder(runtime, catalogue, max_len, limits, block)
     if kind == "candidate_scorer":

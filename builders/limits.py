@@ -19,6 +19,10 @@ class RequestError(ValueError):
     """A bad request: reported to its caller as INVALID_ARGUMENT, never fatal to the batch or the server."""
 
 
+class Cancelled(Exception):
+    """The caller went away (cancelled, or its deadline passed) before its request was computed: CANCELLED."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of a served model, set at build time; over a limit is INVALID_ARGUMENT

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from genrec.builders.handlers import load_handler
+from genrec.builders.handlers import Recommender, load_handler
+from genrec.builders.limits import Cancelled
 from genrec.builders.user_cache import INVALIDATIONS, UserCache
 from genrec.client import protocol
 
@@ -123,7 +124,11 @@ class TritonPythonModel:
             batch.append({t.name(): t.as_numpy() for t in tensors if t is not None})
             self.metrics.observe_request(batch[-1])
         try:
-            results = iter(self.handler.execute(batch) if batch else [])
+            if isinstance(self.handler, Recommender):  # checks its callers between prefill and candidate chunks
+                computed = self.handler.execute(batch, [r.is_cancelled for r in live]) if batch else []
+            else:
+                computed = self.handler.execute(batch) if batch else []
+            results = iter(computed)
         except Exception:  # a bug, not bad input: report it to every caller, keep serving
             pb_utils.Logger.log_error(f"{self.name}: {traceback.format_exc()}")
             error = _error(f"internal error in {self.name} (the server log has the details)", False)
@@ -131,13 +136,12 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
         for gone in cancelled:
-            if gone:
-                error = pb_utils.TritonError("the caller cancelled the request", pb_utils.TritonError.CANCELLED)
+            result = Cancelled("the caller cancelled the request") if gone else next(results)
+            if isinstance(result, Cancelled):
+                error = pb_utils.TritonError(str(result), pb_utils.TritonError.CANCELLED)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 self.metrics.requests["cancelled"].increment(1)
-                continue
-            result = next(results)
-            if isinstance(result, Exception):
+            elif isinstance(result, Exception):
                 responses.append(pb_utils.InferenceResponse(error=_error(str(result), True)))
                 self.metrics.requests["invalid_argument"].increment(1)
             else:

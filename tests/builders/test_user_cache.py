@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from genrec.builders import handlers as h
+from genrec.builders.limits import Cancelled
 from genrec.builders.runtimes import TorchRuntime, UserState
 from genrec.builders.user_cache import RawHistory, UserCache
 from genrec.client import protocol
@@ -190,3 +191,31 @@ def test_bad_user_ids_are_refused(served, user: np.ndarray, message: str) -> Non
 def test_users_are_scored_together_only_with_similar_lengths_and_candidate_counts() -> None:
     groups = h._similar([7, 8, 9, 10], lengths=[10, 10, 12, 500], counts=[100, 2000, 100, 100])
     assert sorted(sorted(g) for g in groups) == [[7, 9], [8], [10]]  # a maximal rank pads no recommend
+
+
+def test_a_caller_who_goes_away_stops_being_scored_between_chunks(served) -> None:
+    """Triton's is_cancelled is asked between chunks of candidates: a maximal rank whose caller cancelled
+    is not scored to the end, and the other request of its batch is answered as usual."""
+    recommender, catalogue, _ = served
+    model = recommender(None)
+    model.chunk = 16
+    ids = catalogue.vocab.raw_ids
+    calls = {"left": 0, "stays": 0}
+
+    def asked(name: str, answer_after: int):  # noqa: ANN202
+        def gone() -> bool:
+            calls[name] += 1
+            return calls[name] > answer_after
+        return gone
+
+    history = (ids[:20], np.arange(20) + 10**9, np.ones(20))
+    batch = [request(*history, candidates=np.resize(ids, 100)), request(*history, candidates=np.resize(ids, 100))]
+    scored_chunks = []
+    score_states = model.runtime.score_states
+    model.runtime.score_states = lambda states, cands: scored_chunks.append(len(states)) or score_states(states, cands)
+    left, stays = model.execute(batch, [asked("left", 1), asked("stays", 10**6)])
+    model.runtime.score_states = score_states
+    assert isinstance(left, Cancelled) and isinstance(stays, dict) and stays[protocol.SCORES].shape == (1, 100)
+    assert calls == {"left": 2, "stays": 6} and scored_chunks == [2, 2, 1, 1, 1, 1, 1]  # 7 chunks of 16
+    (alone,) = model.execute(batch[1:])
+    np.testing.assert_allclose(stays[protocol.SCORES], alone[protocol.SCORES], rtol=1e-5, atol=1e-5)
