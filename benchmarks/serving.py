@@ -810,7 +810,7 @@ SWEEP_HEADERS = (
     "p90 ms",
     "p95 ms",
     "p99 ms",
-    "avg batch (user_encoder)",
+    "avg batch (recommender)",
 )
 
 
@@ -818,7 +818,7 @@ def sweep_rows(targets: Sequence[Target]) -> list[list[object]]:
     rows: list[list[object]] = []
     for target in targets:
         for p in target.points:
-            encoder = next((m for m in p.composing if m.model == "user_encoder"), None)
+            encoder = next((m for m in p.composing if m.model == "recommender"), None)
             rows.append(
                 [
                     target.label,
@@ -1166,12 +1166,13 @@ def report(
             ]
             for o in overheads
         ],
-        "`RecommendClient.recommend` (gRPC, loopback, the ensemble of four Python-backend models) vs "
+        "`RecommendClient.recommend` without a user_id (gRPC, loopback, the `recommend` ensemble's one step, "
+        "the fused `recommender` Python-backend model, whole history computed) vs "
         "`genrec.training.pipeline.recommend` in this process on the same checkpoint, batch 1, "
         f"torch.set_num_threads({cfg.server_threads}), with the server's preprocessing; timed alternately "
-        "(one of each per round) after 2 warm-up calls each. With dynamic batching on, each of the four "
-        f"composing models holds a lone request for up to max_queue_delay ({cfg.max_queue_delay_us} us) "
-        "waiting for company; the batching-off row is the cost of serving without that wait.",
+        "(one of each per round) after 2 warm-up calls each. `recommender` waits for no company "
+        f"(max_queue_delay 0); the other models' {cfg.max_queue_delay_us} us apply to `retrieve` and direct "
+        "calls only.",
     )
 
     notes = [
