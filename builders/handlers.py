@@ -384,7 +384,7 @@ class UserRequest:
     k: int | None
     exclude_seen: bool
     candidates: np.ndarray | None  # dense ids
-    gone: Callable[[], bool] = lambda: False  # the caller has cancelled (or its deadline passed)
+    gone: Callable[[], bool] = lambda: False  # whether the caller has cancelled (Triton's is_cancelled)
 
 
 class Recommender:
