@@ -696,11 +696,13 @@ class Overhead:
 
 
 def in_process_recommender(checkpoint: Path, k: int, retrieve_k: int) -> Callable[[History], np.ndarray]:
-    """``training.pipeline.recommend`` on one raw history, with the server's preprocessing (raw -> dense ids,
-    ratings -> actions, the most recent max_len events, the whole history excluded): raw ids (k,)."""
+    """``training.pipeline.recommend`` on one raw history, with the server's own preprocessing
+    (`handlers.parse_history`, the window of a default build; the whole history excluded): raw ids (k,)."""
     import torch
 
-    from genrec.builders.handlers import Catalogue
+    from genrec.builders.build import BuildConfig
+    from genrec.builders.handlers import Catalogue, parse_history
+    from genrec.client import protocol
     from genrec.training.batch import SequenceBatch
     from genrec.training.checkpoint import load_checkpoint
     from genrec.training.hstu import HSTU
@@ -711,17 +713,16 @@ def in_process_recommender(checkpoint: Path, k: int, retrieve_k: int) -> Callabl
         raise ValueError(f"{checkpoint} is not an HSTU checkpoint")
     catalogue = Catalogue.from_meta(meta)
     max_len = model.config.max_len
+    block = BuildConfig(checkpoint=checkpoint).block(max_len)
 
     def run(history: History) -> np.ndarray:
-        dense, known = catalogue.vocab.to_dense(history.items)
-        keep = np.flatnonzero(known)[-max_len:]
-        actions = catalogue.actions(history.ratings[keep])
+        request = {protocol.HISTORY_ITEM_IDS: history.items[None], protocol.HISTORY_TIMESTAMPS: history.timestamps[None],
+                   protocol.HISTORY_ACTIONS: history.ratings[None]}
+        parsed = parse_history(request, catalogue, max_len, block=block)
         batch = SequenceBatch.from_lists(
-            [dense[keep].tolist()], [history.timestamps[keep].tolist()], [actions.tolist()]
+            [parsed.items.tolist()], [parsed.timestamps.tolist()], [parsed.actions.tolist()]
         )
-        ids, _ = recommend(
-            model, batch, k=k, retrieve_k=retrieve_k, seen=torch.from_numpy(dense[known][None])
-        )
+        ids, _ = recommend(model, batch, k=k, retrieve_k=retrieve_k, seen=torch.from_numpy(parsed.seen[None]))
         return np.asarray(catalogue.vocab.to_raw(ids[0].numpy()))
 
     return run

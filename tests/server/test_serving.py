@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from server_constants import BUILT_FILES, RETRIEVE_K, WINDOW_BLOCK, repository_files
 from tritonclient.utils import InferenceServerException
 
+from genrec.builders.handlers import Catalogue, parse_history
 from genrec.builders.limits import Limits
 from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, RecommendClient, protocol
@@ -44,19 +45,21 @@ def users(tiny_data: DataConfig):
 
 
 def test_served_equals_offline(client: RecommendClient, tiny_checkpoint: Path, users) -> None:
-    """Contract 4: the same items in the same order as the in-process pipeline; scores to fp32 noise."""
+    """Contract 4: the same items in the same order as the in-process pipeline; scores to fp32 noise. The
+    offline side gets its input from `parse_history`, the function the served models call (no copy here)."""
     model, meta = load_checkpoint(tiny_checkpoint)
     assert isinstance(model, HSTU)
-    vocab = {int(raw): i + 1 for i, raw in enumerate(meta.item_raw_ids)}
+    catalogue = Catalogue.from_meta(meta)
     for items, timestamps, ratings in users:
         served = client.recommend(items.tolist(), k=10, timestamps=timestamps.tolist(), actions=ratings.tolist())
-        dense = [vocab[int(i)] for i in items]
-        actions = np.where(ratings == 0, 0, np.searchsorted(meta.action_values, ratings) + 1)
-        recent = slice(window_start(len(dense), model.config.max_len, WINDOW_BLOCK), None)  # the served window
-        batch = SequenceBatch.from_lists([dense[recent]], [timestamps[recent].tolist()], [actions[recent].tolist()])
-        seen = torch.tensor([dense])  # but never recommends anything from the whole history
+        request = {protocol.HISTORY_ITEM_IDS: items[None], protocol.HISTORY_TIMESTAMPS: timestamps[None],
+                   protocol.HISTORY_ACTIONS: ratings[None]}
+        history = parse_history(request, catalogue, model.config.max_len, block=WINDOW_BLOCK)
+        batch = SequenceBatch.from_lists([history.items.tolist()], [history.timestamps.tolist()],
+                                         [history.actions.tolist()])
+        seen = torch.from_numpy(history.seen[None])  # never recommends anything from the whole history
         ids, scores = recommend_offline(model, batch, k=10, retrieve_k=RETRIEVE_K, seen=seen)
-        offline = meta.item_raw_ids[ids[0].numpy() - 1]
+        offline = catalogue.vocab.to_raw(ids[0].numpy())
         assert served.item_ids.tolist() == offline.tolist()
         np.testing.assert_allclose(served.scores, scores[0].numpy(), rtol=1e-4, atol=1e-4)
         assert not set(served.item_ids.tolist()) & set(items.tolist())  # exclude_seen
