@@ -122,7 +122,10 @@ class UserCache:
         """Keep the user's new state as the most recently used, evicting the least recently used to fit."""
         self.stats.events_appended += appended
         self._drop(user_id)
-        entry = Entry(history, window_start, num_events, state, self.clock())
+        # A copy: a served request's arrays are views of the Python backend's shared memory, which a later
+        # request reuses; a fingerprint read from there could match a history it never saw.
+        kept = RawHistory(*(np.array(a, copy=True) for a in (history.items, history.timestamps, history.actions)))
+        entry = Entry(kept, window_start, num_events, state, self.clock())
         if entry.nbytes > self.budget_bytes:
             self.stats.too_large += 1
             return

@@ -55,6 +55,16 @@ def test_lru_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> No
     assert b"e" not in cache.users() and cache.stats.too_large == 1
 
 
+def test_the_fingerprint_is_a_copy_of_the_request() -> None:
+    """Served inputs are views of shared memory that later requests reuse: rewriting the stored request's
+    arrays in place (as the next request would) must not make an edited history look like an extension."""
+    cache = UserCache(budget_bytes=10**6)
+    history = raw(6)
+    cache.store(b"u", history, 0, 6, state(100), appended=0)
+    history.items[2] += 1  # the buffer now holds an edited history ...
+    assert cache.lookup(b"u", history, 0).reason == "edited"  # ... which is not served from the cache
+
+
 def test_lookup_names_why_an_entry_cannot_be_extended() -> None:
     now = [0.0]
     cache = UserCache(budget_bytes=10**6, ttl_s=60, clock=lambda: now[0])
