@@ -150,10 +150,10 @@ def model_specs(config: HSTUConfig, build: BuildConfig, version: int) -> list[Mo
     retrieved = (_ragged(h.RETRIEVED_ITEM_IDS, "INT64", (-1,)), _ragged(h.RETRIEVED_SCORES, "FP32", (-1,)))
     k, exclude = (_scalar_input(t) for t in protocol.TOP_K_INPUTS)
     candidate_ids = _ragged(protocol.CANDIDATE_ITEM_IDS, "INT64", (-1,))
-    # Optional for the encoder only so that a request over a limit costs no prefill; the recommender serves
-    # recommend (k, exclude_seen) and rank (the candidates), each with an optional user id.
+    # k is an optional encoder input only so that retrieve over the limit costs no prefill; the recommender
+    # serves recommend (k, exclude_seen) and rank (the candidates), each with an optional user id.
     optional_k, optional_exclude, optional_candidates = (replace(t, optional=True) for t in (k, exclude, candidate_ids))
-    encoder = python_model("user_encoder", _history_inputs() + (optional_k, optional_candidates),
+    encoder = python_model("user_encoder", _history_inputs() + (optional_k,),
                            outputs_as_inputs + tuple(tensor_from_protocol(t) for t in report))
     retrieval = python_model(
         "item_retrieval",

@@ -206,8 +206,8 @@ def _run_valid(requests: Sequence[object], parse, compute) -> list[Result]:  # t
 
 
 class UserEncoder:
-    """The first step of every ensemble, so it also checks the limits of the steps after it: `k` and the
-    number of candidates arrive here as optional inputs, and a request over a limit costs no prefill."""
+    """The first step of `retrieve`, so it also checks the limit of the steps after it: `k` arrives here as an
+    optional input, and a request over the limit costs no prefill."""
 
     def __init__(self, runtime: Runtime, catalogue: Catalogue, max_len: int, limits: Limits, block: int = 1) -> None:
         self.runtime, self.catalogue, self.max_len, self.limits, self.block = runtime, catalogue, max_len, limits, block
@@ -215,8 +215,6 @@ class UserEncoder:
     def _parse(self, request: Request) -> History:
         if protocol.K in request:
             self.limits.check_k(_scalar(request, protocol.K))
-        if protocol.CANDIDATE_ITEM_IDS in request:
-            self.limits.check_candidates(len(_row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)))
         return parse_history(request, self.catalogue, self.max_len, self.limits, self.block)
 
     def execute(self, requests: list[Request]) -> list[Result]:

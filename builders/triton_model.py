@@ -36,7 +36,7 @@ class Metrics:
             events := pb_utils.MetricFamily("genrec_history_events", "history events per request", histogram),
             candidates := pb_utils.MetricFamily("genrec_candidates", "candidates per request", histogram),
         ]  # a family must outlive its metrics
-        self.labels = labels = {"model": model}
+        labels = {"model": model}
         self.requests = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
         self.unknown, self.truncated = unknown.Metric(labels=labels), truncated.Metric(labels=labels)
         self.events = events.Metric(labels=labels, buckets=SIZE_BUCKETS)
@@ -47,12 +47,6 @@ class Metrics:
             self.events.observe(float(request[protocol.HISTORY_ITEM_IDS].shape[-1]))
         if protocol.CANDIDATE_ITEM_IDS in request:
             self.candidates.observe(float(request[protocol.CANDIDATE_ITEM_IDS].shape[-1]))
-
-    def observe_cache(self, cache: UserCache) -> None:
-        """The user cache's counters and gauges, as of now."""
-        if not hasattr(self, "_cache"):
-            self._cache = CacheMetrics(self._families, self.labels)
-        self._cache.observe(cache)
 
     def observe_result(self, result: dict[str, np.ndarray]) -> None:
         if protocol.NUM_UNKNOWN in result:
@@ -67,8 +61,11 @@ class CacheMetrics:
                 "events_appended": "events computed on top of a cached history",
                 "evictions": "users dropped to stay in the budget", "too_large": "users bigger than the budget"}
 
-    def __init__(self, families: list, labels: dict[str, str]) -> None:
+    def __init__(self, model: str) -> None:
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        labels = {"model": model}
+        self._families: list = []  # a family must outlive its metrics
+        families = self._families
         self.counters = {}
         for name, text in self.COUNTERS.items():
             families.append(family := pb_utils.MetricFamily(f"genrec_user_cache_{name}_total", text, counter))
@@ -112,8 +109,9 @@ class TritonPythonModel:
         self.handler = load_handler(parameters["handler"], version_dir, parameters)
         self.metrics = Metrics(args["model_name"])
         self.cache = getattr(self.handler, "cache", None)
-        if self.cache is not None:
-            self.metrics.observe_cache(self.cache)
+        self.cache_metrics = CacheMetrics(args["model_name"]) if self.cache is not None else None
+        if self.cache_metrics is not None:
+            self.cache_metrics.observe(self.cache)
 
     def execute(self, requests: list) -> list:
         cancelled = [r.is_cancelled() for r in requests]
@@ -149,6 +147,6 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
                 self.metrics.requests["ok"].increment(1)
                 self.metrics.observe_result(result)
-        if self.cache is not None:
-            self.metrics.observe_cache(self.cache)
+        if self.cache_metrics is not None:
+            self.cache_metrics.observe(self.cache)
         return responses
