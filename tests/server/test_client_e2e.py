@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from server_constants import RETRIEVE_K, WINDOW_BLOCK
+from triton_stats import inferences, model_stats, settled
 
 from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, Ranking, Recommendations, RecommendClient, protocol, wire
@@ -52,18 +53,13 @@ def _closed_port() -> str:
         return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-def _model_stats(server: TritonServer, model: str) -> dict:
-    with grpcclient.InferenceServerClient(server.url) as raw:
-        return raw.get_inference_statistics(model, as_json=True)["model_stats"][0]
-
-
 def _inferences(server: TritonServer, model: str = "recommender") -> int:
     """How many requests reached the model: recommender serves recommend and rank."""
-    return int(_model_stats(server, model).get("inference_count", 0))
+    return inferences(server.url, model)
 
 
 def _successes(server: TritonServer, model: str) -> int:
-    return int(_model_stats(server, model)["inference_stats"]["success"].get("count", 0))
+    return int(model_stats(server.url, model)["inference_stats"]["success"].get("count", 0))
 
 
 def _assert_top_k(recs: Recommendations, k: int, catalog: Catalog, history: list[int]) -> None:
@@ -107,12 +103,10 @@ def test_recommend_returns_ordered_items(
     before = {model: _successes(server, model) for model in protocol.ENDPOINTS}
     recs = client.recommend(history, k=8, timestamps=[10, 20, 30, 40, 50, 60], actions=[0, 5, 1, 2, 3, 4])
     expected = {protocol.RECOMMEND: 1, protocol.RANK: 0, protocol.RETRIEVE: 0}
-    deadline = time.monotonic() + 5  # Triton counts an ensemble's success just after sending its response
-    while True:
-        counted = {model: _successes(server, model) - before[model] for model in protocol.ENDPOINTS}
-        if counted == expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    counted = settled(
+        lambda: {model: _successes(server, model) - before[model] for model in protocol.ENDPOINTS},
+        lambda counted: counted == expected,
+    )
     assert counted == expected
     _assert_top_k(recs, 8, catalog, history)
     assert (recs.num_unknown, recs.num_truncated) == (0, 0)
@@ -185,7 +179,8 @@ def test_server_errors_are_not_retried(server: TritonServer, catalog: Catalog) -
             before = _inferences(server, "user_encoder")  # retrieve's first step
             with pytest.raises(GenrecError) as info:
                 client.retrieve(history, k=RETRIEVE_K + 1)
-            attempts[retries] = _inferences(server, "user_encoder") - before
+            after = settled(lambda: _inferences(server, "user_encoder"), lambda n: n > before)  # noqa: B023 (called here)
+            attempts[retries] = after - before
         err = info.value
         assert (err.status, err.model) == ("INVALID_ARGUMENT", protocol.RETRIEVE)
         assert f"k must be in 1..{RETRIEVE_K}" in str(err) and server.url in str(err)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from server_constants import BUILT_FILES, RETRIEVE_K, WINDOW_BLOCK, repository_files
+from triton_stats import model_stats, settled
 from tritonclient.utils import InferenceServerException
 
 from genrec.builders.handlers import Catalogue, parse_history
@@ -80,15 +81,15 @@ def test_batched_concurrent_requests_match_sequential(client: RecommendClient, s
     sequential = [client.recommend(u[0].tolist(), k=10, timestamps=u[1].tolist()) for u in users]
     stats_before = _executions(server)
     batched = client.recommend_batch([u[0].tolist() for u in users], k=10, timestamps=[u[1].tolist() for u in users])
-    executions, inferences = np.subtract(_executions(server), stats_before)
+    executions, inferences = np.subtract(
+        settled(lambda: _executions(server), lambda now: now[1] - stats_before[1] >= len(users)), stats_before)
     assert [b.item_ids.tolist() for b in batched] == [s.item_ids.tolist() for s in sequential]
     assert inferences == len(users)
     assert executions < inferences  # some requests were executed together
 
 
 def _executions(server: TritonServer) -> tuple[int, int]:
-    with grpcclient.InferenceServerClient(server.url) as raw:
-        stats = raw.get_inference_statistics("recommender", as_json=True)["model_stats"][0]
+    stats = model_stats(server.url, "recommender")
     return int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))
 
 
