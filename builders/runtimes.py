@@ -16,6 +16,7 @@ from typing import Protocol, cast
 import numpy as np
 import torch
 
+from genrec.training import native
 from genrec.training.batch import SequenceBatch
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.hstu import HSTU, KVCache
@@ -115,6 +116,8 @@ class TorchRuntime:
             raise ValueError(f"{checkpoint}: only HSTU checkpoints can be served (got {type(model).__name__})")
         self.model = model
         self.device = torch.device(device)
+        if self.device.type == "cpu":  # the scorer's fused kernel, compiled (or found) now, not at the first request
+            native.kernel(model.config.d_qk, model.config.d_v)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

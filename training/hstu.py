@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genrec.training import native
 from genrec.training.batch import SequenceBatch
 from genrec.training.embeddings import ItemEncoder
 from genrec.training.popularity import RecentPopularity
@@ -195,8 +196,12 @@ def attend_cached(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: 
 
     The (T x L) scores per head are one ``baddbmm`` (matmul plus bias) and one in-place SiLU; the 1/max_len
     ``scale`` is applied to the (T, dv) result. Serving paths only (prefill on a cache, candidate scoring):
-    training keeps the plain masked form.
+    training keeps the plain masked form. Where one bias row serves every query (candidate scoring), the
+    fused CPU kernel of `native` runs instead when it can: the same sums, the scores never written out.
     """
+    fused = native.attend_kernel(q, keys, values, bias)
+    if fused is not None:
+        return fused(q, keys, values, bias, scale)
     heads = q.shape[2]
     bias = bias[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (B*H, T or 1, L); flatten: shapes stay traced
     scores = torch.baddbmm(bias, q.transpose(1, 2).flatten(0, 1), keys.permute(0, 2, 3, 1).flatten(0, 1))

@@ -1,0 +1,81 @@
+"""The fused attention kernel against the eager form it replaces, and the fallback where it cannot run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genrec.training import native
+from genrec.training.hstu import MASKED, attend_cached
+
+
+def _eager(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """`HSTULayer.attend`'s sums, written out: silu(q . k + bias) v * scale."""
+    scores = torch.einsum("bthd,blhd->bhtl", q, keys) + bias[:, None]
+    return torch.einsum("bhtl,blhd->bthd", F.silu(scores), values) * scale
+
+
+@pytest.mark.parametrize(
+    ("b", "t", "heads", "length", "dq", "dv"),
+    [
+        (1, 100, 8, 1000, 16, 16),  # the reference model's scoring
+        (3, 17, 2, 50, 16, 16),  # a partial block of queries, several users
+        (2, 1, 1, 1, 50, 50),  # the paper preset's head, one key
+        (1, 40, 3, 70, 8, 24),  # d_qk != d_v, odd sizes
+    ],
+)
+def test_kernel_matches_the_eager_form(b: int, t: int, heads: int, length: int, dq: int, dv: int) -> None:
+    assert native.kernel(dq, dv) is not None, native.failure(dq, dv)
+    generator = torch.Generator().manual_seed(0)
+    projected = torch.randn(b, t, heads * (dq + 7), generator=generator)  # q as a view into a wider projection
+    q = projected[..., : heads * dq].unflatten(-1, (heads, dq))
+    keys = torch.randn(b, length, heads, dq, generator=generator)
+    values = torch.randn(b, length, heads, dv, generator=generator)
+    bias = torch.randn(b, 1, length, generator=generator) * 3
+    bias[0, :, length // 2 + 1:] = MASKED  # padding keys contribute exactly nothing
+    with torch.inference_mode():
+        fused = attend_cached(q, keys, values, bias, 1 / 64)
+        expected = _eager(q, keys, values, bias, 1 / 64)
+    assert fused.shape == (b, t, heads, dv)
+    np.testing.assert_allclose(fused.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring (no grad, one bias row) runs the kernel; several bias rows, export tracing, or GENREC_NATIVE=0 not.
+
+    tests/training/test_hstu_cache.py checks the scores it gives against the reference forward pass.
+    """
+    q, keys, values = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 4)
+    with torch.no_grad():
+        assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is not None
+        assert native.attend_kernel(q, keys, values, torch.zeros(1, 3, 5)) is None  # one row per query
+        assert native.attend_kernel(q.double(), keys.double(), values.double(), torch.zeros(1, 1, 5).double()) is None
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is None
+        monkeypatch.undo()
+        monkeypatch.setenv("GENREC_NATIVE", "0")
+        assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is None
+
+
+def test_without_a_compiler_the_eager_form_runs(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setattr(native, "_kernels", {})
+    monkeypatch.setattr(native, "_failures", {})
+    generator = torch.Generator().manual_seed(1)
+    q, keys, values = (torch.randn(1, n, 2, 16, generator=generator) for n in (5, 9, 9))
+    bias = torch.zeros(1, 1, 9)
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        out = attend_cached(q, keys, values, bias, 0.5)
+    assert "no C++ compiler '/nonexistent/g++'" in (native.failure(16, 16) or "")
+    assert "using the eager form" in caplog.text
+    np.testing.assert_allclose(out.numpy(), _eager(q, keys, values, bias, 0.5).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_autograd_keeps_the_eager_form() -> None:
+    q = torch.randn(1, 4, 2, 16, requires_grad=True)
+    keys, values = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    out = attend_cached(q, keys, values, torch.zeros(1, 1, 6), 1.0)
+    out.sum().backward()  # the kernel has no backward: it must not have run
+    assert q.grad is not None and torch.isfinite(q.grad).all()
