@@ -49,13 +49,16 @@ class Metrics:
             self.candidates.observe(float(request[protocol.CANDIDATE_ITEM_IDS].shape[-1]))
 
     def observe_result(self, result: dict[str, np.ndarray]) -> None:
+        # Every metric call is a round trip from the stub to the server: none for a count that did not move.
         if protocol.NUM_UNKNOWN in result:
-            self.unknown.increment(float(result[protocol.NUM_UNKNOWN].sum()))
-            self.truncated.increment(float(result[protocol.NUM_TRUNCATED].sum()))
+            for metric, name in ((self.unknown, protocol.NUM_UNKNOWN), (self.truncated, protocol.NUM_TRUNCATED)):
+                if count := float(result[name].sum()):
+                    metric.increment(count)
 
 
 class CacheMetrics:
-    """genrec_user_cache_* series: Prometheus counters only go up, so each is incremented by what changed."""
+    """genrec_user_cache_* series: Prometheus counters only go up, so each is incremented by what changed; a
+    gauge is set when its value changed (each call is a round trip from the stub to the server)."""
 
     COUNTERS = {"hits": "requests whose history extended the cached one", "misses": "named users not cached",
                 "events_appended": "events computed on top of a cached history",
@@ -77,7 +80,7 @@ class CacheMetrics:
         families.append(users := pb_utils.MetricFamily("genrec_user_cache_users", "users held", gauge))
         families.append(budget := pb_utils.MetricFamily("genrec_user_cache_budget_bytes", "the budget", gauge))
         self.bytes, self.users, self.budget = (f.Metric(labels=labels) for f in (used, users, budget))
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, float] = {}
 
     def observe(self, cache: UserCache) -> None:
         stats = cache.stats
@@ -89,9 +92,12 @@ class CacheMetrics:
                 metric = self.invalidations[name.split(":")[1]] if ":" in name else self.counters[name]
                 metric.increment(float(delta))
             self.seen[name] = value
-        self.bytes.set(float(cache.bytes_in_use))
-        self.users.set(float(len(cache)))
-        self.budget.set(float(cache.budget_bytes))
+        gauges = {"bytes": (self.bytes, cache.bytes_in_use), "users": (self.users, len(cache)),
+                  "budget": (self.budget, cache.budget_bytes)}
+        for name, (gauge, value) in gauges.items():
+            if self.seen.get(f"gauge:{name}") != value:
+                gauge.set(float(value))
+                self.seen[f"gauge:{name}"] = value
 
 
 def _error(message: str, invalid_argument: bool) -> "pb_utils.TritonError":
