@@ -32,7 +32,7 @@ from genrec.training.batch import length_groups
 from genrec.training.checkpoint import CheckpointMeta, load_meta
 from genrec.training.pipeline import window_start
 from genrec.training.retrieval import faiss_top_k, load_index, top_k
-from genrec.training.sequences import Vocabulary, action_ids
+from genrec.training.vocabulary import Vocabulary, action_ids
 
 # Tensors between composing models (inside the ensembles; the public ones are in genrec.client.protocol).
 USER_EMBEDDING = "user_embedding"  # FP32 [D]

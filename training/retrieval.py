@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # faiss loads only where an index is built or read: served processes without one skip it
+    import faiss
 
 DEFAULT_CHUNK = 65536  # catalogue rows scored at a time: B=64 x 65536 x 4 bytes = 16 MiB of scores
 
@@ -132,6 +134,8 @@ def build_faiss_index(table: np.ndarray, config: FaissConfig = FaissConfig()) ->
     Row 0 (padding) is left out, so the index can never return it; search parameters (nprobe, ef_search)
     are stored in the index and survive ``save_index``/``load_index``.
     """
+    import faiss
+
     vectors = np.ascontiguousarray(np.asarray(table, dtype=np.float32)[1:])
     n, d = vectors.shape
     if n < 1:
@@ -157,10 +161,14 @@ def build_faiss_index(table: np.ndarray, config: FaissConfig = FaissConfig()) ->
 
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
+    import faiss
+
     faiss.write_index(index, str(path))
 
 
 def load_index(path: str | Path) -> faiss.Index:
+    import faiss
+
     return faiss.read_index(str(path))
 
 

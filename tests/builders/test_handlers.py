@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +241,11 @@ def test_length_groups_keep_padding_small() -> None:
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
     for group in groups:
         assert lengths[group].max() <= max(32, 1.5 * lengths[group].min())
+
+
+def test_served_processes_do_not_import_the_training_stack() -> None:
+    """Every Python-backend process imports the handlers: pandas, pyarrow and faiss (training and index
+    building) must not come with them."""
+    code = "import sys, genrec.builders.handlers; print(sorted({'pandas', 'pyarrow', 'faiss'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
