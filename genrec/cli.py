@@ -65,6 +65,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
                    help="full: softmax over the whole catalogue (SASRec+); sampled: sampled softmax with 128 "
                    "uniform negatives (the HSTU paper's); auto (default): full up to 100,000 items")
+    g.add_argument("--high-rating", type=float, default=None,
+                   help="HSTU's second ranking task learns whether the next item is rated >= this (default: the "
+                   "upper half of the log's rating scale, 4-5 of 1-5)")
     g.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs without a better validation NDCG@10 ...")
     g.add_argument("--min-epochs", type=int, default=10, help="... counted only from this epoch on")
@@ -90,7 +93,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
         config = TrainConfig(
             model=args.model, preset=args.preset, max_len=args.max_len, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
-            max_minutes=args.max_minutes, loss=LossConfig(kind=args.loss),
+            max_minutes=args.max_minutes, loss=LossConfig(kind=args.loss, high_rating=args.high_rating),
             seed=args.seed, device=args.device, out=args.out, resume=args.resume, progress=not args.no_progress,
             eval=EvalConfig(exclude_history=not args.keep_history),
             popularity=PopularityConfig(enabled=not args.no_popularity),

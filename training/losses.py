@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,6 +32,22 @@ class LossConfig:
     rank_uniform_negatives: int = 16
     rank_weight: float = 1.0
     rating_weight: float = 0.5  # the second task: does the user rate the true next item highly
+    # what "highly" means: ratings >= this; None = the upper half of the log's own scale (above the midpoint of
+    # its lowest and highest rating: 4 and 5 of MovieLens's 1-5, 8-10 of a 1-10 scale); a log with one rating
+    # value (implicit feedback) has none
+    high_rating: float | None = None
+
+
+def high_ratings(action_values: np.ndarray, config: LossConfig) -> np.ndarray:
+    """(A,) the rating value of each action id 1..A -> (A + 1,) bool per action id, 0 (unknown) never high."""
+    values = np.asarray(action_values, dtype=np.float64)
+    if config.high_rating is not None:
+        high = values >= config.high_rating
+    elif len(values):
+        high = values > (values.min() + values.max()) / 2
+    else:
+        high = np.zeros(0, dtype=bool)
+    return np.concatenate([[False], high])
 
 
 def next_item_targets(batch: SequenceBatch) -> tuple[Tensor, Tensor]:

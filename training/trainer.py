@@ -30,7 +30,14 @@ from genrec.training.embeddings import ItemFeatures
 from genrec.training.evaluate import evaluate, evaluate_scorer_sampled, evaluate_two_stage, rerank
 from genrec.training.flops import train_step_flops
 from genrec.training.hstu import HSTU, HSTUConfig
-from genrec.training.losses import LossConfig, describe_loss, next_item_targets, ranking_loss, retrieval_loss
+from genrec.training.losses import (
+    LossConfig,
+    describe_loss,
+    high_ratings,
+    next_item_targets,
+    ranking_loss,
+    retrieval_loss,
+)
 from genrec.training.metrics import EvalConfig, metrics_from_ranks
 from genrec.training.popularity import PopularityConfig, popularity_table
 from genrec.training.sasrec import SASRec, SASRecConfig
@@ -178,7 +185,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     device = resolve_device(config.device)
     out = Path(config.out)
     model = make_model(config, data).to(device)
-    high_rating = torch.as_tensor(np.concatenate([[False], data.action_values >= 4]), dtype=torch.bool)
+    high_rating = torch.as_tensor(high_ratings(data.action_values, config.loss), dtype=torch.bool)
     step_module: nn.Module = TrainStep(model, config.loss, high_rating).to(device)
     if world > 1:
         step_module = DistributedDataParallel(step_module, find_unused_parameters=True)

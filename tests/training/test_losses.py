@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,13 @@ import torch.nn.functional as F
 from genrec.training.batch import SequenceBatch
 from genrec.training.flops import encoder_forward_flops, train_step_flops
 from genrec.training.hstu import HSTUConfig
-from genrec.training.losses import LossConfig, full_softmax_loss, retrieval_loss, uses_full_softmax
+from genrec.training.losses import (
+    LossConfig,
+    full_softmax_loss,
+    high_ratings,
+    retrieval_loss,
+    uses_full_softmax,
+)
 from genrec.training.sasrec import SASRecConfig
 
 
@@ -60,3 +67,13 @@ def test_flops_count_the_matmuls_by_hand() -> None:
     full = train_step_flops(hstu, LossConfig(kind="full"), batch)
     sampled = train_step_flops(hstu, LossConfig(kind="sampled", num_negatives=10), batch)
     assert full - sampled == 3 * 2 * 3 * 8 * (100 - 10)  # fwd + bwd of the logits over 100 vs 10 classes
+
+
+def test_high_ratings_follow_the_logs_own_scale() -> None:
+    default = LossConfig()
+    assert high_ratings(np.array([1.0, 2, 3, 4, 5]), default).tolist() == [False, False, False, False, True, True]
+    assert high_ratings(np.array([1.0, 4, 7, 10]), default).tolist() == [False, False, False, True, True]
+    assert high_ratings(np.array([1.0]), default).tolist() == [False, False]  # implicit feedback: none high
+    assert high_ratings(np.array([], dtype=np.float64), default).tolist() == [False]
+    chosen = LossConfig(high_rating=3)
+    assert high_ratings(np.array([1.0, 2, 3, 4, 5]), chosen).tolist() == [False, False, False, True, True, True]
