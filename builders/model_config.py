@@ -64,22 +64,18 @@ class InstanceGroup:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model run by a backend (``python``) or a platform (``onnxruntime_onnx``, ``tensorrt_plan``)."""
+    """A model run by a backend: every genrec model is a Python-backend model (the onnx and tensorrt runtimes
+    run inside it), so that each validates its own input (contract 5)."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int  # 0 = the model takes no batch dimension
-    backend: str | None = "python"
-    platform: str | None = None
+    backend: str = "python"
     dynamic_batching: DynamicBatching | None = None
     instance_groups: tuple[InstanceGroup, ...] = ()
     parameters: Mapping[str, str] = field(default_factory=dict)  # read by model.py at initialize
     version_policy_latest: int | None = 1  # serve the newest N versions; None = every version
-
-    def __post_init__(self) -> None:
-        if self.backend is None and self.platform is None:
-            raise ValueError(f"model {self.name!r}: set a backend or a platform")
 
 
 @dataclass(frozen=True)
@@ -142,10 +138,7 @@ def to_model_config(spec: ModelSpec | EnsembleSpec) -> model_config_pb2.ModelCon
             )
         return config
 
-    if spec.backend is not None:
-        config.backend = spec.backend
-    if spec.platform is not None:
-        config.platform = spec.platform
+    config.backend = spec.backend
     if spec.dynamic_batching is not None:
         config.dynamic_batching.max_queue_delay_microseconds = spec.dynamic_batching.max_queue_delay_us
         config.dynamic_batching.preferred_batch_size.extend(spec.dynamic_batching.preferred_batch_sizes)

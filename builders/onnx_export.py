@@ -5,9 +5,9 @@
 
 Every tensor name and dynamic axis comes from the specs below (``PREFILL_INPUTS`` ... ``SCORER_OUTPUTS``);
 the exporter, ``OnnxRuntime``, the TensorRT builder and the Triton configs all read them from here.
-Every tensor is batch-first, as Triton's native platforms (``onnxruntime_onnx``, ``tensorrt_plan``) require
-when they batch requests, so the cache leaves the graphs as (B, layers, L, H, d); ``OnnxRuntime`` turns it
-back into the ``Runtime`` protocol's (layers, B, L, H, d).
+Every tensor is batch-first, as ONNX Runtime and TensorRT batch them, so the cache leaves the graphs as
+(B, layers, L, H, d); ``OnnxRuntime`` turns it back into the ``Runtime`` protocol's (layers, B, L, H, d). Both
+run inside the Python-backend models, which validate every request first.
 """
 
 from __future__ import annotations

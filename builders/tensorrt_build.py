@@ -1,5 +1,5 @@
 """The exported ONNX graphs -> TensorRT plans (fp16) with one optimisation profile over batch, history length and
-candidate count, for Triton's ``tensorrt_plan`` platform. Needs a CUDA GPU and TensorRT 10 (the Python API, or
+candidate count, run by the served Python-backend models through the TensorRT runtime. Needs a CUDA GPU and TensorRT 10 (the Python API, or
 ``trtexec`` on PATH); a plan only runs on the TensorRT version and GPU family that built it.
 
 fp16 keeps one island in fp32: HSTU's relative time bias takes log(time gap in seconds), and gaps beyond

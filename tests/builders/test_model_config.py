@@ -104,20 +104,17 @@ def test_ensemble_fields() -> None:
     assert config.input[-1].data_type == model_config_pb2.TYPE_BOOL
 
 
-def test_platform_model_and_every_version() -> None:
+def test_unbatched_model_and_every_version() -> None:
     spec = ModelSpec(
         "scorer",
         inputs=(TensorSpec("x", "FP32", (-1, 8)),),
         outputs=(TensorSpec("y", "FP32", (-1,)),),
         max_batch_size=0,
-        backend=None,
-        platform="onnxruntime_onnx",
         version_policy_latest=None,
     )
     config = to_model_config(spec)
 
-    assert config.platform == "onnxruntime_onnx"
-    assert config.backend == ""
+    assert config.backend == "python" and config.max_batch_size == 0
     assert config.version_policy.HasField("all")
     assert list(config.input[0].dims) == [-1, 8]
 
@@ -129,7 +126,6 @@ def test_platform_model_and_every_version() -> None:
         (lambda: TensorSpec("x", "STRING", (1,)), "unknown Triton dtype 'STRING'"),
         (lambda: TensorSpec("x", "INT64", (0,)), "tensor 'x': dims"),
         (lambda: InstanceGroup(kind="KIND_TPU"), "KIND_TPU"),
-        (lambda: ModelSpec("m", (), (), 1, backend=None), "model 'm': set a backend or a platform"),
         (
             lambda: to_model_config(ModelSpec("m", (), (TensorSpec("y", "FP32", (1,), optional=True),), 1)),
             "output 'y'",
