@@ -54,14 +54,14 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     )
     _add_data_arguments(p)
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", choices=["hstu", "sasrec"], default="hstu")
+    g.add_argument("--model", choices=["hstu", "sasrec"], default="hstu", help="architecture")
     g.add_argument("--preset", choices=["paper", "reference", "tiny"], default="paper",
                    help="sizes: paper = HSTU paper's MovieLens setting (d=50, 2 layers), reference = d=128, "
                    "4 layers, 8 heads, length 512; tiny = seconds on a laptop")
     g.add_argument("--max-len", type=int, default=None, help="override the preset's maximum history length")
     g.add_argument("--epochs", type=int, default=101, help="at most (Meta's ML-1M recipe: 101)")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--batch-size", type=int, default=128, help="users per optimiser step")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     g.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
                    help="full: softmax over the whole catalogue (SASRec+); sampled: sampled softmax with 128 "
                    "uniform negatives (the HSTU paper's); auto (default): full up to 100,000 items")
@@ -72,16 +72,16 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
                    help="stop after this many epochs without a better validation NDCG@10 ...")
     g.add_argument("--min-epochs", type=int, default=10, help="... counted only from this epoch on")
     g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, negatives and batch order")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--keep-history", action="store_true",
                    help="keep the user's history items in the full ranking (default: excluded, as the HSTU and "
                    "SASRec papers evaluate)")
     g.add_argument("--no-popularity", action="store_true",
                    help="HSTU's ranking head without the candidates' recent-popularity features")
-    g.add_argument("--out", type=Path, default=Path("runs/hstu"))
+    g.add_argument("--out", type=Path, default=Path("runs/hstu"), help="run folder (checkpoint, metrics.csv)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/trainer_state.pt")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (plain lines when not a terminal)")
 
     def run(args: argparse.Namespace) -> int:
         from genrec.training.losses import LossConfig
@@ -112,10 +112,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("eval", help="evaluate a checkpoint on its data's leave-one-out test split",
                        description="Full-ranking and sampled (100 negatives) metrics of a checkpoint; "
                        "for HSTU also the two-stage pipeline (retrieve, then re-rank).")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder (<out>/checkpoint)")
     _add_data_arguments(p)
     p.add_argument("--keep-history", action="store_true", help="keep history items in the full ranking")
-    p.add_argument("--split", choices=["test", "valid"], default="test")
+    p.add_argument("--split", choices=["test", "valid"], default="test", help="which held-out event is the target")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def run(args: argparse.Namespace) -> int:
@@ -136,14 +136,15 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
                        description="Write recommender (recommend and rank, with the per-user K/V cache), "
                        "user_encoder, item_retrieval, candidate_scorer, top_n and the recommend / rank / retrieve "
                        "ensembles. A new build of the same model adds a version.")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--runtime", choices=["torch", "onnx", "tensorrt"], default="torch")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder (<out>/checkpoint)")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the model repository")
+    p.add_argument("--runtime", choices=["torch", "onnx", "tensorrt"], default="torch",
+                   help="what runs the model inside the served Python models (tensorrt: a CUDA GPU)")
     p.add_argument("--retrieve-k", type=int, default=100, help="retrieval depth before re-ranking")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=64, help="requests Triton may batch into one execution")
     p.add_argument("--instances", type=int, default=1, help="model instances per composing model")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the torch / onnx models run")
-    p.add_argument("--no-dynamic-batching", action="store_true")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="execute every request on its own")
     p.add_argument("--faiss", choices=["none", "ivf", "hnsw"], default="none",
                    help="approximate retrieval index for large catalogues (default: exact brute force)")
     p.add_argument("--threads", type=int, default=0,
@@ -224,12 +225,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("demo", help="end to end: train on MovieLens-100K, build, serve, recommend",
                        description="Trains a small HSTU on MovieLens-100K, builds the Triton repository, starts the "
                        "server, calls recommend() for a real user over gRPC and prints the movie titles.")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-minutes", type=float, default=4.0)
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="training run and server logs")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the model repository")
+    p.add_argument("--epochs", type=int, default=30, help="at most")
+    p.add_argument("--max-minutes", type=float, default=4.0, help="training's wall-clock cap")
     p.add_argument("--user", default=None, help="raw user id to recommend for (default: a random test user)")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="as for build")
 
     def run(args: argparse.Namespace) -> int:
         from genrec.demo import DemoConfig, run_demo
@@ -240,18 +241,37 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
     return run
 
 
+BENCHMARKS = ("serving", "kv_cache", "user_cache", "reliability", "quality", "retrieval", "batching")
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> Handler:
-    p = sub.add_parser("bench", help="serving benchmarks: perf_analyzer sweeps, locust, overhead",
-                       description="Builds repositories, starts the server and writes tables and plots under "
-                       "benchmarks/results/.")
-    p.add_argument("--quick", action="store_true", help="smaller sweep")
+    p = sub.add_parser("bench", help="the benchmarks: serving, K/V cache, user cache, reliability, quality, ...",
+                       description="Runs one of genrec.benchmarks (python -m genrec.benchmarks.<name> is the same), "
+                       "which writes its table, plot and JSON under benchmarks/results/. Run nothing else "
+                       "meanwhile. `genrec bench NAME -- --help` lists the benchmark's own flags.")
+    p.add_argument("name", nargs="?", choices=BENCHMARKS, default="serving", help="which benchmark")
+    p.add_argument("--quick", action="store_true", help="the benchmark's smaller, noisier run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="after --: passed on to the benchmark")
 
     def run(args: argparse.Namespace) -> int:
-        from genrec.benchmarks.serving import main as bench_main
+        import importlib
 
-        return bench_main(["--quick"] if args.quick else [])
+        passed = [a for a in args.args if a != "--"]
+        passed += ["--quick"] if args.quick and "--quick" not in passed else []
+        result = importlib.import_module(f"genrec.benchmarks.{args.name}").main(passed)
+        return int(result or 0)
 
     return run
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
@@ -259,6 +279,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         prog="genrec",
         description="Generative recommendations (HSTU) trained in PyTorch and served by NVIDIA Triton.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="{train,eval,build,serve,rollout,demo,bench}")
     handlers = {
         "train": _add_train(sub),
@@ -269,7 +290,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         "demo": _add_demo(sub),
         "bench": _add_bench(sub),
     }
+    for verb in sub.choices.values():
+        verb.formatter_class = _HelpFormatter
     return parser, handlers
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genrec")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,3 +41,32 @@ def test_unknown_verb_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
     assert exit_info.value.code == 2
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("genrec ")
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_flag_has_help_and_shows_its_default(verb: str) -> None:
+    parser, _ = build_parser()
+    (verbs,) = [a for a in parser._actions if a.dest == "verb"]
+    sub = verbs.choices[verb]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        assert action.help, f"{verb} {action.option_strings or action.dest} has no help"
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            shown = formatter._expand_help(action)
+            assert "default" in shown.lower(), f"{verb} {action.option_strings[-1]}: no default in {shown!r}"
+
+
+def test_bench_runs_the_named_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    import genrec.benchmarks.kv_cache as kv_cache
+
+    calls = []
+    monkeypatch.setattr(kv_cache, "main", lambda argv: calls.append(argv))
+    assert main(["bench", "kv_cache", "--quick", "--", "--threads", "1"]) == 0
+    assert calls == [["--quick", "--threads", "1"]]
