@@ -18,9 +18,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data",
-        default="ml-100k",
+        default=None,
         help="'ml-100k' (bundled real data), 'synthetic', a MovieLens ratings.dat / ratings.csv, "
-        "or any .csv / .parquet log (see --user-col etc.). Default: ml-100k",
+        "or any .csv / .parquet log (see --user-col etc.). Default: train: ml-100k; eval: the data the "
+        "checkpoint records (its data_config.json, with its columns and filter)",
     )
     group.add_argument("--user-col", default="user_id", help="user column of a generic table")
     group.add_argument("--item-col", default="item_id", help="item column of a generic table")
@@ -37,7 +38,7 @@ def _data_config(args: argparse.Namespace):
     from genrec.training.sequences import PreprocessConfig
 
     return DataConfig(
-        source=args.data,
+        source=args.data or "ml-100k",
         columns=ColumnMapping(args.user_col, args.item_col, None if args.time_col == "none" else args.time_col,
                               args.rating_col),
         preprocess=PreprocessConfig(min_user_interactions=args.min_user_interactions),
@@ -119,10 +120,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def run(args: argparse.Namespace) -> int:
-        from genrec.training.prepare import evaluate_checkpoint
+        from genrec.training.prepare import DataConfig, evaluate_checkpoint
         from genrec.training.report import print_metrics
 
-        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args), args.split, not args.keep_history)
+        data = _data_config(args) if args.data is not None else DataConfig.load(args.checkpoint)
+        metrics = evaluate_checkpoint(args.checkpoint, data, args.split, not args.keep_history)
         print(json.dumps(metrics, indent=2)) if args.json else print_metrics(metrics)
         return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from genrec.cli import build_parser, main
@@ -70,3 +72,19 @@ def test_bench_runs_the_named_benchmark(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(kv_cache, "main", lambda argv: calls.append(argv))
     assert main(["bench", "kv_cache", "--quick", "--", "--threads", "1"]) == 0
     assert calls == [["--quick", "--threads", "1"]]
+
+
+def test_eval_finds_the_data_the_checkpoint_was_trained_on(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    train = ["train", "--data", "synthetic", "--preset", "tiny", "--epochs", "1", "--min-epochs", "0",
+             "--out", str(out), "--no-progress", "--min-user-interactions", "30"]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint"), "--json"]) == 0  # no --data: the recorded one
+    recorded = json.loads(capsys.readouterr().out)
+    explicit = ["eval", "--checkpoint", str(out / "checkpoint"), "--json", "--data", "synthetic",
+                "--min-user-interactions", "30"]
+    assert main(explicit) == 0
+    assert json.loads(capsys.readouterr().out) == recorded
+    with pytest.raises(ValueError, match="trained on other data"):  # ml-100k is not what it was trained on
+        main(["eval", "--checkpoint", str(out / "checkpoint"), "--data", "ml-100k"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,24 @@ class DataConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    def save(self, checkpoint: Path) -> None:
+        """Recorded beside the weights (``data_config.json``), so that `genrec eval` finds the same data."""
+        source = self.source if self.source in ("ml-100k", "synthetic") else str(Path(self.source).resolve())
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / DATA_CONFIG_FILE).write_text(json.dumps(asdict(replace(self, source=source)), indent=2))
+
+    @staticmethod
+    def load(checkpoint: Path) -> DataConfig:
+        path = checkpoint / DATA_CONFIG_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{checkpoint} does not record its data ({DATA_CONFIG_FILE}): pass --data")
+        d = json.loads(path.read_text())
+        return DataConfig(d["source"], ColumnMapping(**d["columns"]), PreprocessConfig(**d["preprocess"]),
+                          SyntheticConfig(**d["synthetic"]))
+
+
+DATA_CONFIG_FILE = "data_config.json"
+
 
 def load_interactions(config: DataConfig) -> Interactions:
     if config.source == "ml-100k":
@@ -56,6 +75,7 @@ def prepare(config: DataConfig) -> tuple[SequenceData, LeaveOneOut, str]:
 
 def run_training(data_config: DataConfig, config: TrainConfig) -> dict[str, Any]:
     data, split, name = prepare(data_config)
+    data_config.save(Path(config.out) / "checkpoint")
     return train(config, data, split.train, split.valid, split.test, data_name=name)
 
 
