@@ -23,10 +23,11 @@ the ``runtime`` parameter change.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import py_compile
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +54,9 @@ from genrec.training.retrieval import FaissConfig, build_faiss_index, save_index
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "metrics.json")
 COMPOSING = ("recommender", "user_encoder", "item_retrieval", "candidate_scorer", "top_n")
 KEEP_VERSIONS = 2  # loaded versions of each composing model: the serving build and the one rolling in
+
+
+BUILD_CONFIG_FILE = "build_config.json"  # in every composing model's version folder
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,9 @@ def _write_artifacts(model: HSTU, build: BuildConfig, out: Path) -> Path:
     with torch.no_grad():
         table = model.item_table().numpy().astype(np.float32)
     np.save(out / "item_table.npy", table)
+    # How this version was built, beside what it serves (paths as given; None = the documented default).
+    recorded = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(build).items()}
+    (out / BUILD_CONFIG_FILE).write_text(json.dumps(recorded, indent=2))
     if build.faiss != "none":
         save_index(build_faiss_index(table, FaissConfig(kind=build.faiss)), out / "item_index.faiss")
     if build.runtime in ("onnx", "tensorrt"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from genrec.builders import handlers as h
-from genrec.builders.build import BuildConfig, build_repository, model_specs, next_version
+from genrec.builders.build import BUILD_CONFIG_FILE, BuildConfig, build_repository, model_specs, next_version
 from genrec.builders.model_config import read_config, to_model_config
 from genrec.builders.runtimes import TorchRuntime
 from genrec.client import protocol
@@ -181,6 +182,8 @@ def test_build_adds_versions_and_writes_the_specs(tiny_checkpoint: Path, tmp_pat
         steps = read_config(tmp_path / spec.name / "config.pbtxt").ensemble_scheduling.step
         assert all(step.model_version == 2 for step in steps)  # an ensemble runs on its own build only
     assert (tmp_path / "user_encoder" / "2" / "model.py").exists()
+    recorded = json.loads((tmp_path / "recommender" / "2" / BUILD_CONFIG_FILE).read_text())
+    assert recorded["retrieve_k"] == 20 and recorded["checkpoint"] == str(tiny_checkpoint)
     with pytest.raises(ValueError, match="retrieve_k"):
         build_repository(BuildConfig(checkpoint=tiny_checkpoint, repository=tmp_path, retrieve_k=10**6))
     assert next_version(tmp_path) == 3  # a failed build leaves no version behind
