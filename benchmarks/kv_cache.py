@@ -2,7 +2,7 @@
 
     python -m genrec.benchmarks.kv_cache [--quick]
 
-Model: ``reference_preset`` (d=128, 4 layers, 8 heads of d_qk = d_v = 16), max_len 1024, eval mode, fp32, one user.
+Model: the ``reference`` preset (d=128, 4 layers, 8 heads of d_qk = d_v = 16), max_len 1024, eval mode, fp32, one user.
 
 Paths, for a history of L events and C candidates:
   * cached:   ``score_candidates(cache, user, candidates)`` on a prefilled cache (prefill timed separately);
@@ -50,7 +50,8 @@ from genrec.benchmarks.common import (
 )
 from genrec.training import native
 from genrec.training.batch import SequenceBatch
-from genrec.training.hstu import HSTU, HSTUConfig, KVCache, reference_preset
+from genrec.training.hstu import HSTU, HSTUConfig, KVCache
+from genrec.training.trainer import hstu_config
 
 
 @dataclass(frozen=True)
@@ -426,7 +427,7 @@ def run(cfg: KVBenchConfig, command: str) -> None:
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    model_config = reference_preset(num_items=cfg.num_items, max_len=cfg.max_len)
+    model_config = hstu_config("reference", num_items=cfg.num_items, max_len=cfg.max_len)
     machine = machine_description()
     print(f"benchmark config: {cfg}\nmodel config: {model_config}\nmachine: {machine}", flush=True)
     warning = oversubscription_warning()

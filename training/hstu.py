@@ -59,12 +59,6 @@ class HSTUConfig:
         object.__setattr__(self, "popularity_windows", tuple(self.popularity_windows))
 
 
-def reference_preset(num_items: int, **overrides: int) -> HSTUConfig:
-    """The serving benchmarks' reference size: d=128, 4 layers, 8 heads, histories up to 512."""
-    base: dict = dict(d_model=128, num_layers=4, num_heads=8, d_qk=16, d_v=16, max_len=512)
-    return HSTUConfig(num_items=num_items, **{**base, **overrides})
-
-
 @dataclass
 class KVCache:
     """Per-layer keys and values of a batch of histories, right-padded to the batch's maximum.

@@ -89,6 +89,13 @@ class TrainConfig:
     progress: bool = True
 
 
+def hstu_config(preset: str, **fields: Any) -> HSTUConfig:
+    """A preset's HSTU sizes, its heads splitting d_model evenly, with any field set or overridden."""
+    sizes = dict(PRESETS[preset])
+    d, heads = sizes["d_model"], sizes["num_heads"]
+    return HSTUConfig(**{**sizes, "d_qk": d // heads, "d_v": d // heads, **fields})
+
+
 def make_model(config: TrainConfig, data: SequenceData) -> HSTU | SASRec:
     preset = dict(PRESETS[config.preset])
     if config.max_len is not None:
@@ -102,15 +109,13 @@ def make_model(config: TrainConfig, data: SequenceData) -> HSTU | SASRec:
     )
     model: HSTU | SASRec
     if config.model == "hstu":
-        d = preset["d_model"]
-        heads = preset.pop("num_heads")
         table, extra = None, {}
         if not data.timed:  # an ordered log without time: gaps and recent counts would be invented
             extra = dict(num_time_buckets=0)
         elif config.popularity.enabled:
             table = popularity_table(data.timestamps, data.items, len(data.item_vocab), config.popularity)
             extra = dict(popularity_windows=config.popularity.windows, popularity_buckets=table.num_buckets)
-        model = HSTU(HSTUConfig(**common, **preset, num_heads=heads, d_qk=d // heads, d_v=d // heads, **extra))
+        model = HSTU(hstu_config(config.preset, **common, max_len=preset["max_len"], **extra))
         if model.popularity is not None and table is not None:
             model.popularity.set_table(table)
     elif config.model == "sasrec":
