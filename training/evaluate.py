@@ -89,7 +89,7 @@ def rerank(model: HSTU, data: Split, config: EvalConfig, retrieve_k: int = 100, 
             scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
             candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)
             served = model.score_candidates(cache, user, candidates)[..., 0]
-            retrieval = torch.einsum("bd,bcd->bc", user, table[candidates]) / model.config.temperature
+            retrieval = model.retrieval_logits(user, table[candidates])
             out.append(Reranked(candidates, retrieval, served - retrieval, targets))
     return out
 

@@ -375,12 +375,17 @@ class HSTU(nn.Module):
             x = layer.finish(x, hist + (own * scale)[..., None] * v, u)
         return x
 
+    def retrieval_logits(self, user: Tensor, items: Tensor) -> Tensor:
+        """User (B, D) and items' normalised embeddings (B, C, D) -> <user, item> / temperature (B, C): the
+        retrieval logit that the served score starts from."""
+        return torch.einsum("bd,bcd->bc", user, items) / self.config.temperature
+
     def head(self, x: Tensor, user: Tensor, candidates: Tensor, request_time: Tensor) -> Tensor:
         """Candidates' final states (B, C, D) and the user (B, D) -> logits (B, C, num_tasks): task 0 the served score."""
-        retrieval = torch.einsum("bd,bcd->bc", user, F.normalize(self.items(candidates), dim=-1))
+        retrieval = self.retrieval_logits(user, F.normalize(self.items(candidates), dim=-1))
         features = self.popularity(candidates, request_time) if self.popularity is not None else None
         logits = self.rank_head(x, features)
-        engagement = logits[..., :1] + retrieval[..., None] / self.config.temperature
+        engagement = logits[..., :1] + retrieval[..., None]
         return torch.cat([engagement, logits[..., 1:]], dim=-1)
 
     def forward_with_candidates(self, batch: SequenceBatch, candidates: Tensor) -> Tensor:

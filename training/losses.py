@@ -150,8 +150,7 @@ def ranking_loss(
     logits = model.head(states, history_user, candidates, request_time)
     # The served score holds the retrieval logit, whose item embeddings are retrieval's: its gradient is
     # cancelled, so hard negatives here cannot pull the retrieval embeddings around.
-    retrieval = torch.einsum("pd,pcd->pc", history_user, F.normalize(model.items(candidates), dim=-1))
-    retrieval = retrieval / model.config.temperature
+    retrieval = model.retrieval_logits(history_user, F.normalize(model.items(candidates), dim=-1))
     engagement = logits[..., 0] - retrieval + retrieval.detach()
     accidental = (candidates[:, 1:] == positives[:, None])
     engagement = torch.cat([engagement[:, :1], engagement[:, 1:].masked_fill(accidental, float("-inf"))], dim=1)
