@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -296,3 +299,28 @@ def write_markdown(
     if notes:
         out += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     path.write_text("\n".join(out))
+
+
+Config = TypeVar("Config")
+
+
+def micro_main(
+    argv: Sequence[str] | None,
+    doc: str | None,
+    config: Callable[..., Config],
+    quick: dict[str, Any],
+    run: Callable[[Config, str], None],
+    quick_help: str,
+    threads_help: str,
+) -> None:
+    """The command line of a single-process benchmark: --quick (the config with `quick`'s fields), --out-dir
+    and --threads, then ``run(config, command_line())``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
+    parser.add_argument("--threads", type=int, default=0, help=threads_help)
+    args = parser.parse_args(argv)
+    chosen = config(out_dir=args.out_dir, threads=args.threads)
+    if args.quick:
+        chosen = dataclasses.replace(chosen, **quick)  # type: ignore[type-var]
+    run(chosen, command_line())

@@ -25,7 +25,6 @@ Achieved GFLOP/s = counted FLOPs / median time, beside the machine's measured fp
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -39,9 +38,9 @@ from genrec.benchmarks.common import (
     RESULTS_DIR,
     Section,
     Timing,
-    command_line,
     machine_description,
     matmul_peak_gflops,
+    micro_main,
     oversubscription_warning,
     print_table,
     time_call,
@@ -575,17 +574,8 @@ def run(cfg: KVBenchConfig, command: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and less no-cache work (noisier)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    args = parser.parse_args(argv)
-    cfg = KVBenchConfig(out_dir=args.out_dir, threads=args.threads)
-    if args.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)  # type: ignore[arg-type]
-    run(cfg, command_line())
+    micro_main(argv, __doc__, KVBenchConfig, QUICK, run, quick_help="fewer repeats and less no-cache work (noisier)",
+               threads_help="torch threads (default: all cores)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Counting first, brute force per query: 2·N·d FLOPs (N=1M: 0.26 GFLOP) and N·d
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import resource
@@ -36,9 +35,9 @@ from genrec.benchmarks.common import (
     RESULTS_DIR,
     Section,
     Timing,
-    command_line,
     machine_description,
     matmul_peak_gflops,
+    micro_main,
     oversubscription_warning,
     print_table,
     summarize,
@@ -382,17 +381,8 @@ def run(cfg: RetrievalBenchConfig, command: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="200k items instead of 1M, fewer batch passes")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
-    parser.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (default: all cores)")
-    args = parser.parse_args(argv)
-    cfg = RetrievalBenchConfig(out_dir=args.out_dir, threads=args.threads)
-    if args.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)  # type: ignore[arg-type]
-    run(cfg, command_line())
+    micro_main(argv, __doc__, RetrievalBenchConfig, QUICK, run, quick_help="200k items instead of 1M, fewer batch passes",
+               threads_help="torch and FAISS threads (default: all cores)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from genrec.builders.limits import Cancelled, Limits, RequestError
-from genrec.builders.runtimes import Runtime, Stateless, TorchRuntime, UserRuntime, UserState
+from genrec.builders.runtimes import Prefilled, Runtime, Stateless, TorchRuntime, UserRuntime, UserState
 from genrec.builders.user_cache import RawHistory, UserCache
 from genrec.client import protocol, validate
 from genrec.training.batch import length_groups
@@ -286,9 +286,8 @@ class CandidateScorer:
         timestamps, _ = _pad([p[2] for p in parsed])
         user = np.stack([p[3] for p in parsed])
         candidates, counts = _pad([p[4] for p in parsed], fill=1)
-        scores = self.runtime.score(
-            keys.transpose(2, 0, 1, 3, 4), values.transpose(2, 0, 1, 3, 4), timestamps, lengths, user, candidates
-        )
+        cache = Prefilled(keys.transpose(2, 0, 1, 3, 4), values.transpose(2, 0, 1, 3, 4), user)
+        scores = self.runtime.score(cache, timestamps, lengths, candidates)
         return [{protocol.SCORES: scores[b, :c][None]} for b, c in enumerate(counts)]
 
 

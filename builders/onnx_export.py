@@ -234,17 +234,9 @@ class OnnxRuntime:
         # (B, layers, L, H, d) -> the protocol's (layers, B, L, H, d)
         return Prefilled(np.ascontiguousarray(keys.swapaxes(0, 1)), np.ascontiguousarray(values.swapaxes(0, 1)), user)
 
-    def score(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        timestamps: np.ndarray,
-        lengths: np.ndarray,
-        user: np.ndarray,
-        candidates: np.ndarray,
-    ) -> np.ndarray:
-        """Cached K/V (layers, B, L, H, d), timestamps (B, L), lengths (B,), user (B, D), candidates (B, C)
-        dense ids -> (B, C) float32 served scores (task 0)."""
-        arrays = (keys.swapaxes(0, 1), values.swapaxes(0, 1), timestamps, lengths, user, candidates)
+    def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """A `Prefilled` cache (K/V (layers, B, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
+        candidates (B, C) dense ids -> (B, C) float32 served scores (task 0)."""
+        arrays = (cache.keys.swapaxes(0, 1), cache.values.swapaxes(0, 1), timestamps, lengths, cache.user, candidates)
         (scores,) = self.scorer_session.run(names(SCORER_OUTPUTS), self._feed(SCORER_INPUTS, arrays))
         return scores

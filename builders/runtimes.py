@@ -36,17 +36,9 @@ class Runtime(Protocol):
         """items/timestamps/actions (B, L) int64 right-padded, lengths (B,) int64."""
         ...
 
-    def score(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        timestamps: np.ndarray,
-        lengths: np.ndarray,
-        user: np.ndarray,
-        candidates: np.ndarray,
-    ) -> np.ndarray:
-        """Cached K/V (layers, B, L, H, d), timestamps (B, L), lengths (B,), user (B, D), candidates (B, C)
-        dense ids -> (B, C) float32 served scores (task 0)."""
+    def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """A `Prefilled` cache (K/V (layers, B, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
+        candidates (B, C) dense ids -> (B, C) float32 served scores (task 0)."""
         ...
 
 
@@ -101,7 +93,7 @@ class Stateless:
     def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
         out, timestamps = cast(tuple[Prefilled, np.ndarray], state.cache)
         lengths = np.array([timestamps.shape[1]])
-        return self.runtime.score(out.keys, out.values, timestamps, lengths, out.user, candidates[None])[0]
+        return self.runtime.score(out, timestamps, lengths, candidates[None])[0]
 
     def score_states(self, states: list[UserState], candidates: list[np.ndarray]) -> list[np.ndarray]:
         return [self.score_state(state, c) for state, c in zip(states, candidates, strict=True)]
@@ -129,17 +121,10 @@ class TorchRuntime:
         return Prefilled(cache.keys.cpu().numpy(), cache.values.cpu().numpy(), user.cpu().numpy())
 
     @torch.inference_mode()
-    def score(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        timestamps: np.ndarray,
-        lengths: np.ndarray,
-        user: np.ndarray,
-        candidates: np.ndarray,
-    ) -> np.ndarray:
-        cache = KVCache(self._tensor(keys), self._tensor(values), self._tensor(timestamps), self._tensor(lengths))
-        logits = self.model.score_candidates(cache, self._tensor(user), self._tensor(candidates))
+    def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        kv = KVCache(self._tensor(cache.keys), self._tensor(cache.values), self._tensor(timestamps),
+                     self._tensor(lengths))
+        logits = self.model.score_candidates(kv, self._tensor(cache.user), self._tensor(candidates))
         return logits[..., 0].float().cpu().numpy()
 
     # -- UserRuntime: one user, K/V kept as torch tensors with room to append -----------------------------

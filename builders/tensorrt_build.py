@@ -365,21 +365,13 @@ class TensorRTRuntime:
         # (B, layers, L, H, d) -> the protocol's (layers, B, L, H, d)
         return Prefilled(np.ascontiguousarray(keys.swapaxes(0, 1)), np.ascontiguousarray(values.swapaxes(0, 1)), user)
 
-    def score(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        timestamps: np.ndarray,
-        lengths: np.ndarray,
-        user: np.ndarray,
-        candidates: np.ndarray,
-    ) -> np.ndarray:
-        """Cached K/V (layers, B, L, H, d), timestamps (B, L), lengths (B,), user (B, D), candidates (B, C)
-        dense ids -> (B, C) float32 served scores (task 0)."""
-        cache = (keys.swapaxes(0, 1), values.swapaxes(0, 1), timestamps, lengths, user)
+    def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """A `Prefilled` cache (K/V (layers, B, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
+        candidates (B, C) dense ids -> (B, C) float32 served scores (task 0)."""
+        batch_first = (cache.keys.swapaxes(0, 1), cache.values.swapaxes(0, 1), timestamps, lengths, cache.user)
         step = self.scorer_plan.limit(CANDIDATES)
         parts = [
-            self.scorer_plan((*cache, candidates[:, start : start + step]))[0]
+            self.scorer_plan((*batch_first, candidates[:, start : start + step]))[0]
             for start in range(0, max(candidates.shape[1], 1), step)
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -140,13 +140,13 @@ def test_score_matches_torch(
     items, timestamps, actions, lengths = histories(batch, length, seed=batch * 1000 + length + candidates)
     cands = np.random.default_rng(candidates).integers(1, NUM_ITEMS + 1, (batch, candidates))
     cache = torch_runtime.prefill(items, timestamps, actions, lengths)
-    want = torch_runtime.score(cache.keys, cache.values, timestamps, lengths, cache.user, cands)
-    got = onnx_runtime.score(cache.keys, cache.values, timestamps, lengths, cache.user, cands)
+    want = torch_runtime.score(cache, timestamps, lengths, cands)
+    got = onnx_runtime.score(cache, timestamps, lengths, cands)
     assert got.shape == (batch, candidates)
     assert relative_error(got, want) <= RTOL
     # end to end: onnx prefill feeding the onnx scorer
     own = onnx_runtime.prefill(items, timestamps, actions, lengths)
-    end_to_end = onnx_runtime.score(own.keys, own.values, timestamps, lengths, own.user, cands)
+    end_to_end = onnx_runtime.score(own, timestamps, lengths, cands)
     assert relative_error(end_to_end, want) <= RTOL
 
 
@@ -157,8 +157,9 @@ def test_scores_depend_on_the_cache(runtimes: tuple[OnnxRuntime, TorchRuntime, O
     lengths[:] = 50
     cands = np.random.default_rng(7).integers(1, NUM_ITEMS + 1, (8, 20))
     cache = torch_runtime.prefill(items, timestamps, actions, lengths)
-    want = torch_runtime.score(cache.keys, cache.values, timestamps, lengths, cache.user, cands)
-    flipped = onnx_runtime.score(cache.keys[:, :, ::-1], cache.values[:, :, ::-1], timestamps, lengths, cache.user, cands)
+    want = torch_runtime.score(cache, timestamps, lengths, cands)
+    flipped_cache = Prefilled(cache.keys[:, :, ::-1], cache.values[:, :, ::-1], cache.user)
+    flipped = onnx_runtime.score(flipped_cache, timestamps, lengths, cands)
     assert relative_error(flipped, want) > 10 * RTOL
 
 

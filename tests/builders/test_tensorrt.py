@@ -85,11 +85,11 @@ def test_tensorrt_fp16_top10_matches_torch(tmp_path: Path) -> None:
     for batch in (1, 8, 32, 32, 32):
         items, timestamps, actions, lengths, candidates = _users(rng, batch)
         cache = reference.prefill(items, timestamps, actions, lengths)
-        want = reference.score(cache.keys, cache.values, timestamps, lengths, cache.user, candidates)
+        want = reference.score(cache, timestamps, lengths, candidates)
         got_cache = engines.prefill(items, timestamps, actions, lengths)
         assert got_cache.keys.shape == cache.keys.shape and got_cache.values.shape == cache.values.shape
         assert got_cache.user.shape == cache.user.shape and got_cache.user.dtype == np.float32
-        got = engines.score(got_cache.keys, got_cache.values, timestamps, lengths, got_cache.user, candidates)
+        got = engines.score(got_cache, timestamps, lengths, candidates)
         assert got.shape == want.shape and got.dtype == np.float32
 
         top_want = np.argsort(-want, axis=1)[:, :TOP_K]
