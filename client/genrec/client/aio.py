@@ -7,124 +7,30 @@ its gRPC channel belongs to that loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import tritonclient.grpc.aio as grpcclient
-from numpy.typing import ArrayLike
 from tritonclient.utils import InferenceServerException
 
-from . import protocol, validate, wire
+from . import protocol, wire
+from .core import ClientCore
 from .errors import GenrecError
 from .types import Ranking, Recommendations
 
 R = TypeVar("R")
 
 
-class AsyncRecommendClient:
-    """The asyncio twin of `RecommendClient`: same arguments, validation, retries and errors."""
+class AsyncRecommendClient(
+    ClientCore[
+        Awaitable[Recommendations], Awaitable[Ranking], Awaitable[list[Recommendations]], Awaitable[list[Ranking]]
+    ]
+):
+    """The asyncio twin of `RecommendClient`: same arguments, validation, retries and errors; every endpoint
+    returns an awaitable (``await client.recommend(...)``)."""
 
-    def __init__(
-        self,
-        url: str | Sequence[str] = "localhost:8001",
-        *,
-        timeout_s: float = 10.0,
-        retries: int = 2,
-        concurrency: int = 16,
-        ssl: bool = False,
-        root_certificates: str | None = None,
-        private_key: str | None = None,
-        certificate_chain: str | None = None,
-    ) -> None:
-        validate.settings(timeout_s, retries, concurrency)
-        self.urls = validate.urls(url)
-        self.url = self.urls[0]
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.concurrency = concurrency  # most requests in flight in the *_batch methods
-        self._router = wire.Router(self.urls)
-        self._replicas = wire.connect_all(
-            grpcclient.InferenceServerClient,
-            self.urls,
-            ssl=ssl,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
-
-    async def recommend(
-        self,
-        user_seq: ArrayLike,
-        k: int = 10,
-        *,
-        timestamps: ArrayLike | None = None,
-        actions: ArrayLike | None = None,
-        exclude_seen: bool = True,
-        user_id: int | str | None = None,
-    ) -> Recommendations:
-        """See `RecommendClient.recommend`."""
-        return await self._send(
-            wire.top_k(protocol.RECOMMEND, user_seq, k, timestamps, actions, exclude_seen, user_id)
-        )
-
-    async def retrieve(
-        self,
-        user_seq: ArrayLike,
-        k: int = 10,
-        *,
-        timestamps: ArrayLike | None = None,
-        actions: ArrayLike | None = None,
-        exclude_seen: bool = True,
-    ) -> Recommendations:
-        return await self._send(wire.top_k(protocol.RETRIEVE, user_seq, k, timestamps, actions, exclude_seen))
-
-    async def rank(
-        self,
-        user_seq: ArrayLike,
-        candidates: ArrayLike,
-        *,
-        timestamps: ArrayLike | None = None,
-        actions: ArrayLike | None = None,
-        user_id: int | str | None = None,
-    ) -> Ranking:
-        return await self._send(wire.rank(user_seq, candidates, timestamps, actions, user_id))
-
-    async def recommend_batch(
-        self,
-        user_seqs: Sequence[ArrayLike],
-        k: int = 10,
-        *,
-        timestamps: Sequence[ArrayLike | None] | None = None,
-        actions: Sequence[ArrayLike | None] | None = None,
-        exclude_seen: bool = True,
-    ) -> list[Recommendations]:
-        return await self._send_all(
-            wire.top_k_batch(protocol.RECOMMEND, user_seqs, k, timestamps, actions, exclude_seen)
-        )
-
-    async def retrieve_batch(
-        self,
-        user_seqs: Sequence[ArrayLike],
-        k: int = 10,
-        *,
-        timestamps: Sequence[ArrayLike | None] | None = None,
-        actions: Sequence[ArrayLike | None] | None = None,
-        exclude_seen: bool = True,
-    ) -> list[Recommendations]:
-        return await self._send_all(
-            wire.top_k_batch(protocol.RETRIEVE, user_seqs, k, timestamps, actions, exclude_seen)
-        )
-
-    async def rank_batch(
-        self,
-        user_seqs: Sequence[ArrayLike],
-        candidates: Sequence[ArrayLike],
-        *,
-        timestamps: Sequence[ArrayLike | None] | None = None,
-        actions: Sequence[ArrayLike | None] | None = None,
-    ) -> list[Ranking]:
-        return await self._send_all(wire.rank_batch(user_seqs, candidates, timestamps, actions))
+    triton_client = grpcclient.InferenceServerClient
 
     async def ready(self) -> bool:
         """True when every replica is live with the three ensembles ready; False, never an error, otherwise."""
@@ -150,6 +56,12 @@ class AsyncRecommendClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    async def _request(self, build: Callable[..., wire.Call[R]], *args: Any) -> R:
+        return await self._send(build(*args))
+
+    async def _requests(self, build: Callable[..., list[wire.Call[R]]], *args: Any) -> list[R]:
+        return await self._send_all(build(*args))
 
     async def _send(self, call: wire.Call[R]) -> R:
         """As `RecommendClient._send`: the user's replicas in order, rounds apart by a jittered backoff."""
