@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from genrec.benchmarks.common import (
+    REPO_ROOT,
     RESULTS_DIR,
     Section,
     command_line,
@@ -49,7 +50,7 @@ from genrec.benchmarks.common import (
 )
 from genrec.benchmarks.kv_cache import cached_score_flops, prefill_flops
 from genrec.benchmarks.reliability import rss_mb_by_process
-from genrec.benchmarks.serving import REPO_ROOT, running_servers, save_untrained
+from genrec.benchmarks.servers import running_servers, save_untrained
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.handlers import load_handler
 from genrec.builders.model_config import read_config
