@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +30,8 @@ def _eager(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torc
     ],
 )
 def test_kernel_matches_the_eager_form(b: int, t: int, heads: int, length: int, dq: int, dv: int) -> None:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:  # optional: without a compiler the eager form serves
+        pytest.skip("no C++ compiler on this machine: the fused kernel is optional (see test_without_a_compiler...)")
     assert native.kernel(dq, dv) is not None, native.failure(dq, dv)
     generator = torch.Generator().manual_seed(0)
     projected = torch.randn(b, t, heads * (dq + 7), generator=generator)  # q as a view into a wider projection
@@ -47,6 +52,8 @@ def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.M
 
     tests/training/test_hstu_cache.py checks the scores it gives against the reference forward pass.
     """
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
     q, keys, values = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 4)
     with torch.no_grad():
         assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is not None
