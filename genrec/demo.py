@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from genrec.builders.build import BuildConfig, build_repository
@@ -15,10 +14,10 @@ from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
 from genrec.client import RecommendClient
 from genrec.training.checkpoint import load_meta
 from genrec.training.prepare import DataConfig, prepare, run_training
-from genrec.training.report import print_metrics
+from genrec.training.report import make_console, print_metrics
 from genrec.training.trainer import TrainConfig
 
-console = Console()
+console = make_console()
 
 
 @dataclass(frozen=True)

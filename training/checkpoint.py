@@ -68,6 +68,8 @@ def save_checkpoint(directory: Path, model: nn.Module, meta: CheckpointMeta, met
     (directory / "vocab.json").write_text(json.dumps(vocab))
     if metrics is not None:
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    else:  # e.g. the best weights of a run still training: no test metrics yet, and none of an earlier run's
+        (directory / "metrics.json").unlink(missing_ok=True)
 
 
 def load_meta(directory: Path) -> CheckpointMeta:

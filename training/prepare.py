@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.datasets import (
     ColumnMapping,
@@ -25,7 +27,7 @@ from genrec.training.sequences import (
     build_sequences,
     leave_one_out,
 )
-from genrec.training.trainer import TrainConfig, test_metrics, train
+from genrec.training.trainer import TrainConfig, console, test_metrics, train
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,18 @@ def load_interactions(config: DataConfig) -> Interactions:
 def prepare(config: DataConfig) -> tuple[SequenceData, LeaveOneOut, str]:
     log = load_interactions(config)
     data = build_sequences(log, config.preprocess)
+    console.print(kept_summary(log, data, config.preprocess))
     return data, leave_one_out(data), log.name
+
+
+def kept_summary(log: Interactions, data: SequenceData, config: PreprocessConfig) -> str:
+    """What the filter kept of the log, and what it dropped."""
+    users, items, events = len(np.unique(log.user)), len(np.unique(log.item)), len(log)
+    kept_users, kept_items, kept_events = len(data.users), len(data.item_vocab), int(len(data.items))
+    rule = f"users with < {config.min_user_interactions} events" + (
+        f", items with < {config.min_item_interactions}" if config.min_item_interactions else "")
+    return (f"data {log.name}: kept {kept_users:,} users, {kept_items:,} items, {kept_events:,} events; dropped "
+            f"{users - kept_users:,} users, {items - kept_items:,} items, {events - kept_events:,} events ({rule})")
 
 
 def run_training(data_config: DataConfig, config: TrainConfig) -> dict[str, Any]:

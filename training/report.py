@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+LOG_WIDTH = 200  # not a terminal (a log file, a pipe): rich would wrap and truncate at 80 columns
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console that keeps its terminal's width, and lines whole when the output is not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else LOG_WIDTH)
+
 
 COLUMNS = ("HR@1", "HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@200", "MRR")
 
@@ -19,7 +29,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     for name in ("full", "sampled", "two_stage", "two_stage_sampled"):
         if name in metrics:
             table.add_row(name, *(f"{metrics[name][c]:.4f}" for c in COLUMNS))
-    console = Console()
+    console = make_console()
     console.print(table)
     for name, text in metrics.get("protocol", {}).items():
         console.print(f"  {name}: {text}")

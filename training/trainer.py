@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -40,10 +40,11 @@ from genrec.training.losses import (
 )
 from genrec.training.metrics import EvalConfig, metrics_from_ranks
 from genrec.training.popularity import PopularityConfig, popularity_table
+from genrec.training.report import make_console
 from genrec.training.sasrec import SASRec, SASRecConfig
 from genrec.training.sequences import Histories, SequenceData, Split
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The HSTU paper's MovieLens setting (and SASRec's, which it matches in size).
@@ -137,17 +138,18 @@ class TrainStep(nn.Module):
         self.loss = loss
         self.register_buffer("high_rating", high_rating)
 
-    def forward(self, batch: SequenceBatch, generator: torch.Generator) -> Tensor:
+    def forward(self, batch: SequenceBatch, generator: torch.Generator) -> dict[str, Tensor]:
+        """Each loss term by name ("retrieval", and "ranking" for HSTU); their sum is what is minimised."""
         targets, mask = next_item_targets(batch)
         if isinstance(self.model, HSTU):
             user, cache = self.model.encode_with_cache(batch)
         else:
             user = self.model.encode(batch)
         table = self.model.item_table()
-        loss = retrieval_loss(user[mask], targets[mask], table, self.loss, generator)
+        terms = {"retrieval": retrieval_loss(user[mask], targets[mask], table, self.loss, generator)}
         if isinstance(self.model, HSTU):
-            loss = loss + ranking_loss(self.model, batch, user, cache, self.high_rating, self.loss, generator)
-        return loss
+            terms["ranking"] = ranking_loss(self.model, batch, user, cache, self.high_rating, self.loss, generator)
+        return terms
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,7 +214,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-        console.print(f"[bold]training {config.model}[/] on {device} x{world}: {asdict(config)}")
+        console.print(f"[bold]training {config.model}[/] on {device} x{world}: {describe_config(config)}")
     use_amp = device.type == "cuda"
     log_path = out / "metrics.csv"
     if is_main and start_epoch == 0:  # a fresh run does not append to an earlier run's log
@@ -226,22 +228,26 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         if len(batches) < world:
             batches = (batches * world)[:world]
         batches = batches[: len(batches) // world * world][rank::world]  # equal step counts per rank
-        losses, events, flops, epoch_start = [], 0, 0, time.monotonic()
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (config.progress and is_main), leave=False)
+        losses: list[dict[str, float]] = []
+        events, flops, epoch_start = 0, 0, time.monotonic()
+        # a bar only on a terminal: in a log file its redraws would be noise
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (config.progress and is_main and sys.stderr.isatty()),
+                   leave=False)
         for batch in bar:
             events += int(batch.lengths.sum())
             flops += train_step_flops(model.config, config.loss, batch)
             batch = _drop_actions(batch, config.action_dropout, generator).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = step_module(batch, generator)
+                terms = step_module(batch, generator)
+                loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            losses.append({name: term.item() for name, term in terms.items()})
+            bar.set_postfix({name: f"{value:.3f}" for name, value in losses[-1].items()})
         train_seconds = time.monotonic() - epoch_start
         val = evaluate(model, valid, config.eval)
         score = val["NDCG@10"]
@@ -252,25 +258,35 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         elif epoch >= config.min_epochs:
             stale += 1
         if is_main:
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+            term_means = {name: float(np.mean([step[name] for step in losses])) for name in losses[0]}
+            row = {"epoch": epoch, "train_loss": sum(term_means.values()),
+                   **{f"train_{name}_loss": value for name, value in term_means.items()},
+                   "lr": scheduler.get_last_lr()[0],
                    "seconds": round(time.monotonic() - started, 1), "train_seconds": round(train_seconds, 2),
                    "events": events * world, "flops_per_event": flops / max(events, 1),
                    **{f"val_{k}": v for k, v in val.items()}}
             _append_csv(log_path, row)
+            terms = "  ".join(f"{name} {value:.4f}" for name, value in term_means.items())
             console.print(
-                f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val HR@10 {val['HR@10']:.4f}  "
-                f"NDCG@10 {score:.4f}{'  *' if improved else ''}"
+                f"epoch {epoch:3d}  loss {terms}  val HR@10 {val['HR@10']:.4f}  "
+                f"NDCG@10 {score:.4f}{'  *' if improved else ''}  {_eta(epoch, start_epoch, started, config)}"
             )
+        out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
+        stop = torch.tensor([int(stale >= config.patience or out_of_time)], device=device)
+        if world > 1:  # every rank stops at the same epoch, or the others would wait forever
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        last = bool(stop.item()) or epoch == config.epochs - 1
+        if is_main and (improved or last):
+            # Only when it improved or at the end: a killed run resumes from its best epoch, and its best
+            # weights so far are a checkpoint `genrec eval` can read (before the end's ranker calibration).
             torch.save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale, "best_model": best_state,
                  "rng": torch.get_rng_state()},
                 state_path,
             )
-        out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
-        stop = torch.tensor([int(stale >= config.patience or out_of_time)], device=device)
-        if world > 1:  # every rank stops at the same epoch, or the others would wait forever
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if improved:  # the end overwrites it, calibrated and with its test metrics
+                save_checkpoint(out / "checkpoint", model, _meta(config, model, data, data_name))
         if stop.item():
             break
     model.load_state_dict(best_state)
@@ -283,20 +299,48 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     metrics["epochs_run"] = epoch + 1
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
     if is_main:
-        meta = CheckpointMeta(
-            model_type=config.model,
-            model_config=asdict(model.config),  # type: ignore[call-overload]
-            item_raw_ids=data.item_vocab.raw_ids,
-            item_titles=data.item_titles,
-            action_values=data.action_values,
-            data={"name": data_name, "num_users": len(data.users), "num_events": int(len(data.items)),
-                  "genre_names": list(data.genre_names)},
-            train=asdict(config),
-        )
-        save_checkpoint(out / "checkpoint", model, meta, metrics)
+        save_checkpoint(out / "checkpoint", model, _meta(config, model, data, data_name), metrics)
     if joined:
         dist.destroy_process_group()
     return metrics
+
+
+def describe_config(config: TrainConfig) -> str:
+    """The settings that matter most, then every other one that differs from its default, flattened
+    (``loss.kind=full``); all of them are in train_config.json."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return out
+
+    given, default = flat(asdict(config)), flat(asdict(TrainConfig()))
+    shown = ["preset", "max_len", "epochs", "batch_size", "lr", "patience", "max_minutes", "loss.kind"]
+    changed = [key for key in given if key not in shown and given[key] != default.get(key)]
+    return ", ".join(f"{key}={given[key]}" for key in shown + changed)
+
+
+def _meta(config: TrainConfig, model: HSTU | SASRec, data: SequenceData, data_name: str) -> CheckpointMeta:
+    return CheckpointMeta(
+        model_type=config.model,
+        model_config=asdict(model.config),  # type: ignore[call-overload]
+        item_raw_ids=data.item_vocab.raw_ids,
+        item_titles=data.item_titles,
+        action_values=data.action_values,
+        data={"name": data_name, "num_users": len(data.users), "num_events": int(len(data.items)),
+              "genre_names": list(data.genre_names)},
+        train=asdict(config),
+    )
+
+
+def _eta(epoch: int, start_epoch: int, started: float, config: TrainConfig) -> str:
+    """How long the rest may take: the epochs left at this run's mean pace, capped by --max-minutes."""
+    elapsed = time.monotonic() - started
+    left_s = elapsed / (epoch - start_epoch + 1) * (config.epochs - epoch - 1)
+    if config.max_minutes is not None:
+        left_s = max(min(left_s, 60 * config.max_minutes - elapsed), 0.0)
+    return f"{elapsed / 60:.1f} min, at most {left_s / 60:.1f} min left"
 
 
 RANKER_WEIGHTS = tuple(i / 20 for i in range(41))  # 0, 0.05, ..., 2

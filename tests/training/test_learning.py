@@ -167,3 +167,25 @@ def test_a_log_without_time_trains_hstu_without_time_bias_or_popularity(tmp_path
     assert all(layer.bias.time is None for layer in model.blocks)
     metrics = run_training(untimed, replace(config(tmp_path, epochs=3), calibrate_ranker=False))
     assert metrics["full"]["HR@10"] >= 3 * CHANCE_HR10, metrics["full"]
+
+
+def test_an_interrupted_run_leaves_its_best_weights_to_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after its epochs (here: inside the end's calibration), a run has a checkpoint of its best epoch
+    so far, with no test metrics, that `genrec eval` reads (it records its data), and a state to resume from."""
+    import genrec.training.trainer as trainer
+
+    def killed(*args: object, **kwargs: object) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "calibrate_ranker", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(DATA, config(tmp_path, epochs=3))
+    checkpoint = tmp_path / "checkpoint"
+    assert not (checkpoint / "metrics.json").exists()
+    best = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["best_epoch"]
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"train_retrieval_loss", "train_ranking_loss"} <= set(rows[0])  # each loss term, per epoch
+    assert best == max(range(len(rows)), key=lambda e: float(rows[e]["val_NDCG@10"]))
+    metrics = evaluate_checkpoint(checkpoint, DataConfig.load(checkpoint))
+    assert metrics["full"]["HR@10"] >= 5 * CHANCE_HR10  # the best epoch's weights, not an untrained model
