@@ -522,7 +522,10 @@ def _runtime(version_dir: Path, parameters: dict[str, str]) -> Runtime:
     if name == "onnx":
         from genrec.builders.onnx_export import OnnxRuntime
 
-        return OnnxRuntime(version_dir / "onnx")
+        # the build's device and thread count, as for torch (CUDA needs the onnxruntime-gpu build; without it
+        # OnnxRuntime warns and runs on the CPU)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        return OnnxRuntime(version_dir / "onnx", providers, int(parameters.get("threads", 0)))
     if name == "tensorrt":
         from genrec.builders.tensorrt_build import TensorRTRuntime
 
