@@ -66,3 +66,5 @@ def test_k8s_gives_each_replica_a_stable_name_for_user_routing() -> None:
     assert "StatefulSet" in kinds and "Deployment" not in kinds
     assert re.search(r"^  serviceName: genrec-triton\b", k8s, flags=re.M)
     assert re.search(r"^  clusterIP: None\b", k8s, flags=re.M) and "type: ClusterIP" not in k8s
+    assert "PodDisruptionBudget" in kinds and "maxUnavailable: 1" in k8s  # drains take one pod at a time
+    assert ":latest" not in k8s and "OMP_NUM_THREADS" in k8s
