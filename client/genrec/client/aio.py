@@ -64,20 +64,12 @@ class AsyncRecommendClient(
         return await self._send_all(build(*args))
 
     async def _send(self, call: wire.Call[R]) -> R:
-        """As `RecommendClient._send`: the user's replicas in order, rounds apart by a jittered backoff."""
-        for replica, wait in wire.attempts(self._router.order(call.user_id), self.retries):
+        for replica, wait in (attempts := self._attempts(call)):
             await asyncio.sleep(wait)
-            try:
-                result = await self._replicas[replica].infer(
-                    call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
-                )
-            except InferenceServerException as exc:
-                err = wire.error(exc, call.model, self.urls[replica])
-                if not wire.is_transient(err):
-                    raise err from None
-            else:
+            with attempts.failure(replica):
+                result = await self._replicas[replica].infer(call.model, call.inputs, **self._options(call))
                 return call.parse(result)
-        raise err
+        raise attempts.exhausted()
 
     async def _send_all(self, calls: list[wire.Call[R]]) -> list[R]:
         """Each user's own request, at most `concurrency` in flight; results in order, first error raised."""

@@ -61,19 +61,11 @@ class RecommendClient(ClientCore[Recommendations, Ranking, list[Recommendations]
         return self._send_all(build(*args))
 
     def _send(self, call: wire.Call[R]) -> R:
-        for replica, wait in wire.attempts(self._router.order(call.user_id), self.retries):
+        for replica, wait in (attempts := self._attempts(call)):
             time.sleep(wait)
-            try:
-                result = self._replicas[replica].infer(
-                    call.model, call.inputs, outputs=call.outputs, client_timeout=self.timeout_s
-                )
-            except InferenceServerException as exc:
-                err = wire.error(exc, call.model, self.urls[replica])
-                if not wire.is_transient(err):
-                    raise err from None
-            else:
-                return call.parse(result)
-        raise err
+            with attempts.failure(replica):
+                return call.parse(self._replicas[replica].infer(call.model, call.inputs, **self._options(call)))
+        raise attempts.exhausted()
 
     def _send_all(self, calls: list[wire.Call[R]]) -> list[R]:
         """Each user's own request (their lengths differ), all in flight together; results in order."""

@@ -63,6 +63,14 @@ class ClientCore(Generic[One, OneRanking, Many, ManyRankings]):
             certificate_chain=certificate_chain,
         )
 
+    def _attempts(self, call: wire.Call[Any]) -> wire.Attempts:
+        """The call's attempts: its user's replicas in order, `retries` more rounds after a jittered backoff."""
+        return wire.Attempts(call, self._router.order(call.user_id), self.retries, self.urls)
+
+    def _options(self, call: wire.Call[Any]) -> dict[str, Any]:
+        """tritonclient's ``infer`` arguments beside the model and inputs."""
+        return {"outputs": call.outputs, "client_timeout": self.timeout_s}
+
     def _request(self, build: Callable[..., wire.Call[Any]], *args: Any) -> Any:
         """``build(*args)`` (validation, the request) and send it: in the async client, both when awaited."""
         raise NotImplementedError

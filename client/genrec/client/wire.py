@@ -7,6 +7,7 @@ send calls, retry the transient failures (`is_transient`, `backoff_s`) and map e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import random
@@ -284,6 +285,34 @@ def attempts(order: list[int], retries: int) -> Iterator[tuple[int, float]]:
     for round_ in range(retries + 1):
         for i, replica in enumerate(order):
             yield replica, jittered_backoff_s(round_ - 1) if round_ and i == 0 else 0.0
+
+
+class Attempts:
+    """One call's retry rule, for both clients: iterate ``(replica, seconds to wait first)`` (`attempts`), and
+    run each attempt inside ``failure(replica)``. That turns tritonclient's error into `GenrecError`, raises
+    it at once unless it is transient, and otherwise lets the next attempt run; `exhausted` is the error to
+    raise when none succeeded."""
+
+    def __init__(self, call: Call[Any], order: list[int], retries: int, urls: Sequence[str]) -> None:
+        self.call, self.urls, self._plan = call, urls, attempts(order, retries)
+        self._last: GenrecError | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        return self._plan
+
+    @contextlib.contextmanager
+    def failure(self, replica: int) -> Iterator[None]:
+        try:
+            yield
+        except InferenceServerException as exc:
+            err = error(exc, self.call.model, self.urls[replica])
+            if not is_transient(err):
+                raise err from None
+            self._last = err
+
+    def exhausted(self) -> GenrecError:
+        assert self._last is not None, "no attempt was made"
+        return self._last
 
 
 def _weight(url: str, user_id: str) -> bytes:
