@@ -42,7 +42,7 @@ def in_process_recommender(checkpoint: Path, k: int, retrieve_k: int) -> Callabl
     import torch
 
     from genrec.builders.build import BuildConfig
-    from genrec.builders.handlers import Catalogue, parse_history
+    from genrec.builders.requests import Catalogue, parse_history
     from genrec.client import protocol
     from genrec.training.batch import SequenceBatch
     from genrec.training.checkpoint import load_checkpoint

@@ -11,15 +11,8 @@ Paths, for a history of L events and C candidates:
   * incremental prefill: a returning user's new event appended to a cached history of 1000..1023 events (in
     place, in the cache's spare room) vs a full prefill of 1001 events.
 
-FLOPs are counted from the config (multiply-add = 2 FLOPs), with d = d_model, H heads, layers n:
-  token  = 2·d·(2·H·d_v + 2·H·d_qk)  [U,V,Q,K projection]  + 2·H·d_v·d  [output projection]
-  pair   = 2·H·d_qk  [q·k]  + 2·H·d_v  [weight·v]            per (query, key) pair the mask allows
-  head   = 2·d·d + 2·d·tasks  [rank head]  + 2·d  [retrieval dot product]
-  prefill(N new on top of P cached) = n·(N·token + (N·P + N(N+1)/2)·pair)
-  cached(L, C)   = C·(n·(token + (L+1)·pair) + head)              a candidate sees L events and itself
-  no-cache(L, C) = C·(n·((L+1)·token + (L(L+1)/2 + L+1)·pair) + head)
-Only the pairs the mask allows are counted (the model's useful work); the implementation computes the
-dense (queries x keys) score matrix and masks it, so it executes up to ~2x the attention FLOPs counted here.
+FLOPs are counted from the config by `genrec.training.flops` (its serving counts: multiply-add = 2 FLOPs, only
+the (query, key) pairs the mask allows; the implementation computes the dense score matrix and masks it).
 Achieved GFLOP/s = counted FLOPs / median time, beside the machine's measured fp32 matmul rate.
 """
 
@@ -47,8 +40,10 @@ from genrec.benchmarks.common import (
     time_interleaved,
     write_markdown,
 )
+from genrec.benchmarks.kv_cache_report import HEADERS, INCREMENTAL_HEADERS, PREFILL_HEADERS, plot, table_rows
 from genrec.training import native
 from genrec.training.batch import SequenceBatch
+from genrec.training.flops import cache_bytes, cached_score_flops, nocache_score_flops, prefill_flops
 from genrec.training.hstu import HSTU, HSTUConfig, KVCache
 from genrec.training.trainer import hstu_config
 
@@ -73,43 +68,6 @@ class KVBenchConfig:
 
 
 QUICK = dict(warmup=1, repeats=3, min_seconds=0.0, nocache_gflop_per_call=1.0, fast_calls_per_round=3)
-
-
-# ---- counting ---------------------------------------------------------------------------------------------
-
-
-def token_flops(c: HSTUConfig) -> int:
-    h, d = c.num_heads, c.d_model
-    return 2 * d * (2 * h * c.d_v + 2 * h * c.d_qk) + 2 * h * c.d_v * d
-
-
-def pair_flops(c: HSTUConfig) -> int:
-    return 2 * c.num_heads * c.d_qk + 2 * c.num_heads * c.d_v
-
-
-def head_flops(c: HSTUConfig) -> int:
-    return 2 * c.d_model * c.d_model + 2 * c.d_model * c.num_tasks + 2 * c.d_model
-
-
-def prefill_flops(c: HSTUConfig, new: int, cached: int = 0) -> int:
-    pairs = new * cached + new * (new + 1) // 2
-    return c.num_layers * (new * token_flops(c) + pairs * pair_flops(c))
-
-
-def cached_score_flops(c: HSTUConfig, length: int, num_candidates: int) -> int:
-    per_candidate = c.num_layers * (token_flops(c) + (length + 1) * pair_flops(c)) + head_flops(c)
-    return num_candidates * per_candidate
-
-
-def nocache_score_flops(c: HSTUConfig, length: int, num_candidates: int) -> int:
-    pairs = length * (length + 1) // 2 + length + 1
-    per_candidate = c.num_layers * ((length + 1) * token_flops(c) + pairs * pair_flops(c)) + head_flops(c)
-    return num_candidates * per_candidate
-
-
-def cache_bytes(c: HSTUConfig, length: int) -> int:
-    """fp32 K/V of one history: what the cached path must read per candidate chunk."""
-    return 4 * c.num_layers * length * c.num_heads * (c.d_qk + c.d_v)
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------
@@ -296,94 +254,6 @@ def incremental_row(c: HSTUConfig, length: int, threads: int, timings: tuple[Tim
 
 # ---- reporting --------------------------------------------------------------------------------------------
 
-HEADERS = [
-    "L",
-    "C",
-    "cached ms",
-    "cached IQR ms",
-    "no-cache ms",
-    "no-cache run on",
-    "speed-up",
-    "FLOP ratio",
-    "cached MFLOP",
-    "no-cache GFLOP",
-    "cached GFLOP/s",
-    "no-cache GFLOP/s",
-]
-PREFILL_HEADERS = ["L", "prefill ms", "IQR ms", "MFLOP", "GFLOP/s"]
-INCREMENTAL_HEADERS = [
-    "history",
-    "threads",
-    "incremental ms",
-    "IQR ms",
-    "full prefill ms",
-    "IQR ms",
-    "speed-up",
-    "FLOP ratio",
-    "incremental MFLOP",
-    "full MFLOP",
-    "incremental GFLOP/s",
-    "full GFLOP/s",
-]
-
-
-def table_rows(rows: Sequence[Row]) -> list[list[object]]:
-    out: list[list[object]] = []
-    for r in rows:
-        extrapolated = r.nocache_measured < r.num_candidates
-        run_on = f"{r.nocache_measured} of {r.num_candidates}" + (" (extrap.)" if extrapolated else "")
-        out.append(
-            [
-                r.length,
-                r.num_candidates,
-                r.cached.median_ms,
-                r.cached.iqr_ms,
-                r.nocache_s * 1e3,
-                run_on,
-                r.speedup,
-                r.nocache_flops / r.cached_flops,
-                r.cached_flops / 1e6,
-                r.nocache_flops / 1e9,
-                r.cached_gflops,
-                r.nocache_flops / r.nocache_s / 1e9,
-            ]
-        )
-    return out
-
-
-def plot(rows: Sequence[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for length in sorted({r.length for r in rows}):
-        mine = [r for r in rows if r.length == length]
-        cs = [r.num_candidates for r in mine]
-        left.plot(cs, [r.speedup for r in mine], "o-", label=f"L={length}")
-        line = right.plot(cs, [r.cached.median_ms for r in mine], "o-", label=f"cached, L={length}")[0]
-        right.plot(
-            cs,
-            [r.nocache_s * 1e3 for r in mine],
-            "s--",
-            color=line.get_color(),
-            label=f"no-cache, L={length}",
-        )
-    left.axhline(20, color="grey", lw=0.8, ls=":")
-    left.set(xscale="log", yscale="log", xlabel="candidates C", ylabel="speed-up (no-cache / cached)")
-    left.set_title("KV-cache speed-up (dotted: 20x target)")
-    right.set(xscale="log", yscale="log", xlabel="candidates C", ylabel="median ms per request (1 user)")
-    right.set_title("Scoring time")
-    left.legend()
-    right.legend(fontsize=7)
-    for ax in (left, right):
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 THREAD_HEADERS = ["case", "threads", "fast path ms", "slow path ms", "speed-up"]
 KERNEL_HEADERS = ["L", "C", "fused ms", "eager ms", "speed-up", "fused GFLOP/s", "eager GFLOP/s", "fused % of peak"]
 KERNEL_CASES = ((200, 100), (1000, 100), (1000, 1000))
@@ -559,17 +429,9 @@ def run(cfg: KVBenchConfig, command: str) -> None:
                 "more threads.",
             )
         )
-    write_markdown(
-        cfg.out_dir / "kv_cache.md",
-        "KV-cache ablation: cached candidate scoring vs recomputing the history",
-        command,
-        HEADERS,
-        body,
-        notes=notes,
-        sections=sections,
-        image=image,
-        machine=f"{machine} (at start)",
-    )
+    title = "KV-cache ablation: cached candidate scoring vs recomputing the history"
+    write_markdown(cfg.out_dir / "kv_cache.md", title, command, HEADERS, body, notes=notes, sections=sections,
+                   image=image, machine=f"{machine} (at start)")
     print(f"wrote {cfg.out_dir / 'kv_cache.md'} and {image}")
 
 

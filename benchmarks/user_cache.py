@@ -48,7 +48,6 @@ from genrec.benchmarks.common import (
     print_table,
     write_markdown,
 )
-from genrec.benchmarks.kv_cache import cached_score_flops, prefill_flops
 from genrec.benchmarks.reliability import rss_mb_by_process
 from genrec.benchmarks.servers import running_servers, save_untrained
 from genrec.builders.build import BuildConfig, build_repository
@@ -56,6 +55,7 @@ from genrec.builders.handlers import load_handler
 from genrec.builders.model_config import read_config
 from genrec.client import RecommendClient, protocol
 from genrec.training.checkpoint import load_checkpoint
+from genrec.training.flops import cached_score_flops, prefill_flops
 from genrec.training.hstu import HSTUConfig
 
 

@@ -25,14 +25,23 @@ import numpy as np
 import torch
 
 from genrec.builders.limits import Cancelled, Limits, RequestError
+from genrec.builders.requests import (
+    Catalogue,
+    History,
+    Request,
+    Result,
+    parse_history,
+    require_finite,
+    row,
+    scalar,
+    tensor,
+)
 from genrec.builders.runtimes import Prefilled, Runtime, Stateless, TorchRuntime, UserRuntime, UserState
-from genrec.builders.user_cache import RawHistory, UserCache
+from genrec.builders.user_cache import UserCache
 from genrec.client import protocol, validate
 from genrec.training.batch import length_groups
-from genrec.training.checkpoint import CheckpointMeta, load_meta
-from genrec.training.pipeline import window_start
+from genrec.training.checkpoint import load_meta
 from genrec.training.retrieval import faiss_top_k, load_index, top_k
-from genrec.training.vocabulary import Vocabulary, action_ids
 
 # Tensors between composing models (inside the ensembles; the public ones are in genrec.client.protocol).
 USER_EMBEDDING = "user_embedding"  # FP32 [D]
@@ -43,120 +52,8 @@ CANDIDATE_SCORES = "candidate_scores"  # FP32 [C]
 RETRIEVED_ITEM_IDS = "retrieved_item_ids"  # INT64 [R]
 RETRIEVED_SCORES = "retrieved_scores"  # FP32 [R]
 
-Request = dict[str, np.ndarray]
-Result = dict[str, np.ndarray] | Exception
-
-
 class Handler(Protocol):
     def execute(self, requests: list[Request]) -> list[Result]: ...
-
-
-def _input(request: Request, name: str) -> np.ndarray:
-    """The request's tensor `name`; a RequestError naming it when the request has none."""
-    if name not in request:
-        raise RequestError(f"missing input '{name}'")
-    return np.asarray(request[name])
-
-
-def _row(request: Request, name: str, dtype: type) -> np.ndarray:
-    """The request's tensor `name` as a 1-D array (its batch dimension must be 1)."""
-    array = _input(request, name)
-    if array.ndim != 2 or array.shape[0] != 1:
-        raise RequestError(f"'{name}' must have shape [1, n] (one user per request), got {list(array.shape)}")
-    return array[0].astype(dtype, copy=False)
-
-
-def _scalar(request: Request, name: str) -> int:
-    values = _row(request, name, np.int64)
-    if values.shape != (1,):
-        raise RequestError(f"'{name}' must hold exactly one value, got {values.shape[0]}")
-    return int(values[0])
-
-
-def _require_finite(values: np.ndarray, name: str) -> None:
-    if not np.isfinite(values).all():
-        raise RequestError(f"'{name}' holds NaN or infinite values")
-
-
-def _examples(values: np.ndarray, limit: int = 5) -> str:
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (", ..." if len(values) > limit else "")
-
-
-@dataclass(frozen=True)
-class Catalogue:
-    """Raw <-> dense ids and the rating -> action mapping of one checkpoint."""
-
-    vocab: Vocabulary
-    action_values: np.ndarray  # (A,) rating value of action id a + 1
-
-    @staticmethod
-    def from_meta(meta: CheckpointMeta) -> Catalogue:
-        if not np.issubdtype(meta.item_raw_ids.dtype, np.integer):
-            raise ValueError("the served API speaks integer item ids; this checkpoint's ids are strings")
-        return Catalogue(Vocabulary(meta.item_raw_ids), meta.action_values)
-
-    def actions(self, ratings: np.ndarray) -> np.ndarray:
-        """Raw ratings (0 = unknown) -> action ids, exactly as in training."""
-        if len(self.action_values) == 0:
-            return np.zeros(len(ratings), np.int64)
-        return np.where(ratings == 0, 0, action_ids(ratings.astype(np.float64), self.action_values))
-
-    def known_candidates(self, raw: np.ndarray, field: str) -> np.ndarray:
-        dense, known = self.vocab.to_dense(raw)
-        if not known.all():
-            raise RequestError(f"{field} holds ids the model has never seen: {_examples(raw[~known])}")
-        return dense
-
-
-@dataclass(frozen=True)
-class History:
-    """The served window of one user's history, and what it came from."""
-
-    items: np.ndarray  # (L,) dense
-    timestamps: np.ndarray  # (L,)
-    actions: np.ndarray  # (L,) action ids
-    num_unknown: int
-    num_truncated: int  # = the window's start among the known events
-    raw: RawHistory  # as sent
-    seen: np.ndarray  # (N,) dense ids of the whole history, 0 where unknown
-
-
-DEFAULT_LIMITS = Limits()
-
-
-def parse_history(
-    request: Request, catalogue: Catalogue, max_len: int, limits: Limits = DEFAULT_LIMITS, block: int = 1
-) -> History:
-    """Validate one user's history (contract 5). Unknown ids are dropped and counted; a history longer
-    than the model's maximum loses its oldest events in blocks of `block` (`window_start`), counted."""
-    items = _row(request, protocol.HISTORY_ITEM_IDS, np.int64)
-    timestamps = _row(request, protocol.HISTORY_TIMESTAMPS, np.int64)
-    ratings = _row(request, protocol.HISTORY_ACTIONS, np.int64)
-    if len(items) == 0:
-        raise RequestError(f"'{protocol.HISTORY_ITEM_IDS}' is empty: a user needs at least one event")
-    limits.check_history(len(items))
-    for name, values in ((protocol.HISTORY_TIMESTAMPS, timestamps), (protocol.HISTORY_ACTIONS, ratings)):
-        if len(values) != len(items):
-            raise RequestError(f"'{name}' has {len(values)} values but '{protocol.HISTORY_ITEM_IDS}' has {len(items)}")
-    problem = validate.history_problem(timestamps, ratings, (protocol.HISTORY_TIMESTAMPS, protocol.HISTORY_ACTIONS))
-    if problem is not None:
-        raise RequestError(problem)
-    dense, known = catalogue.vocab.to_dense(items)
-    if not known.any():
-        raise RequestError(f"none of the {len(items)} history item ids is known to the model: {_examples(items)}")
-    known_at = np.flatnonzero(known)
-    start = window_start(len(known_at), max_len, block)
-    keep = known_at[start:]
-    return History(
-        items=dense[keep],
-        timestamps=timestamps[keep],
-        actions=catalogue.actions(ratings[keep]),
-        num_unknown=int((~known).sum()),
-        num_truncated=start,
-        raw=RawHistory(items, timestamps, ratings),
-        seen=dense,
-    )
 
 
 def _pad(rows: list[np.ndarray], fill: int | float = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +111,7 @@ class UserEncoder:
 
     def _parse(self, request: Request) -> History:
         if protocol.K in request:
-            self.limits.check_k(_scalar(request, protocol.K))
+            self.limits.check_k(scalar(request, protocol.K))
         return parse_history(request, self.catalogue, self.max_len, self.limits, self.block)
 
     def execute(self, requests: list[Request]) -> list[Result]:
@@ -250,13 +147,13 @@ class CandidateScorer:
 
     def _parse(self, request: Request) -> tuple[np.ndarray, ...]:
         layers, heads, d_qk, d_v = self.shape
-        candidates = _row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
+        candidates = row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
         if len(candidates) == 0:
             raise RequestError(f"'{protocol.CANDIDATE_ITEM_IDS}' is empty")
         self.limits.check_candidates(len(candidates))
         dense = self.catalogue.known_candidates(candidates, f"'{protocol.CANDIDATE_ITEM_IDS}'")
-        keys, values = _input(request, KV_KEYS), _input(request, KV_VALUES)
-        timestamps = _row(request, KV_TIMESTAMPS, np.int64)
+        keys, values = tensor(request, KV_KEYS), tensor(request, KV_VALUES)
+        timestamps = row(request, KV_TIMESTAMPS, np.int64)
         n = len(timestamps)
         if n == 0:
             raise RequestError(f"'{KV_TIMESTAMPS}' is empty: the cache must hold at least one event")
@@ -266,10 +163,10 @@ class CandidateScorer:
         if keys.shape != (1, layers, n, heads * d_qk) or values.shape != (1, layers, n, heads * d_v):
             raise RequestError(f"K/V cache of shape {list(keys.shape)} / {list(values.shape)} does not match "
                                f"this model ({layers} layers, {n} events, {heads} heads)")
-        user = _row(request, USER_EMBEDDING, np.float32)
-        _require_finite(keys, KV_KEYS)
-        _require_finite(values, KV_VALUES)
-        _require_finite(user, USER_EMBEDDING)
+        user = row(request, USER_EMBEDDING, np.float32)
+        require_finite(keys, KV_KEYS)
+        require_finite(values, KV_VALUES)
+        require_finite(user, USER_EMBEDDING)
         k = keys[0].reshape(layers, n, heads, d_qk).transpose(1, 0, 2, 3)  # (L, layers, H, d_qk)
         v = values[0].reshape(layers, n, heads, d_v).transpose(1, 0, 2, 3)
         return k, v, timestamps, user, dense
@@ -299,12 +196,12 @@ class ItemRetrieval:
         self.catalogue, self.depth, self.limits, self.index = catalogue, limits.max_k, limits, index
 
     def _parse(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
-        user = _row(request, USER_EMBEDDING, np.float32)
+        user = row(request, USER_EMBEDDING, np.float32)
         if user.shape != (self.table.shape[1],):
             raise RequestError(f"'{USER_EMBEDDING}' must have {self.table.shape[1]} values, got {user.shape[0]}")
-        _require_finite(user, USER_EMBEDDING)
-        exclude = bool(_scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
-        history = _row(request, protocol.HISTORY_ITEM_IDS, np.int64)
+        require_finite(user, USER_EMBEDDING)
+        exclude = bool(scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
+        history = row(request, protocol.HISTORY_ITEM_IDS, np.int64)
         self.limits.check_history(len(history))
         seen = self.catalogue.vocab.to_dense(history)[0]
         return user, seen if exclude else np.zeros(1, np.int64)
@@ -339,15 +236,15 @@ class TopN:
         self.limits = limits
 
     def _parse(self, request: Request) -> tuple[np.ndarray, np.ndarray, int]:
-        k = _scalar(request, protocol.K)
+        k = scalar(request, protocol.K)
         self.limits.check_k(k)
-        ids = _row(request, RETRIEVED_ITEM_IDS, np.int64)
+        ids = row(request, RETRIEVED_ITEM_IDS, np.int64)
         if len(ids) > max(self.limits.max_k, self.limits.max_candidates):
             raise RequestError(f"'{RETRIEVED_ITEM_IDS}' has {len(ids)} ids, more than retrieval or rank ever passes")
-        scores = _row(request, CANDIDATE_SCORES, np.float32)
+        scores = row(request, CANDIDATE_SCORES, np.float32)
         if len(scores) != len(ids):
             raise RequestError(f"'{CANDIDATE_SCORES}' has {len(scores)} values for {len(ids)} '{RETRIEVED_ITEM_IDS}'")
-        _require_finite(scores, CANDIDATE_SCORES)
+        require_finite(scores, CANDIDATE_SCORES)
         return ids, scores, k
 
     def execute(self, requests: list[Request]) -> list[Result]:
@@ -362,7 +259,7 @@ class TopN:
 def _user_id(request: Request) -> bytes | None:
     if protocol.USER_ID not in request:
         return None
-    value = _input(request, protocol.USER_ID)
+    value = tensor(request, protocol.USER_ID)
     if value.shape != (1, 1):
         raise RequestError(f"'{protocol.USER_ID}' must have shape [1, 1], got {list(value.shape)}")
     user_id = value[0, 0]
@@ -402,17 +299,17 @@ class Recommender:
     def _parse(self, request: Request) -> UserRequest:
         candidates = k = None
         if protocol.CANDIDATE_ITEM_IDS in request:
-            candidate_ids = _row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
+            candidate_ids = row(request, protocol.CANDIDATE_ITEM_IDS, np.int64)
             if len(candidate_ids) == 0:
                 raise RequestError(f"'{protocol.CANDIDATE_ITEM_IDS}' is empty")
             self.limits.check_candidates(len(candidate_ids))
             candidates = self.catalogue.known_candidates(candidate_ids, f"'{protocol.CANDIDATE_ITEM_IDS}'")
         elif protocol.K in request:
-            k = _scalar(request, protocol.K)
+            k = scalar(request, protocol.K)
             self.limits.check_k(k)
         else:
             raise RequestError(f"give '{protocol.K}' (recommend) or '{protocol.CANDIDATE_ITEM_IDS}' (rank)")
-        exclude = bool(_scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
+        exclude = bool(scalar(request, protocol.EXCLUDE_SEEN)) if protocol.EXCLUDE_SEEN in request else False
         user_id = _user_id(request)
         history = parse_history(request, self.catalogue, self.max_len, self.limits, self.block)
         return UserRequest(history, user_id, k, exclude, candidates)

@@ -17,8 +17,8 @@ from server_constants import BUILT_FILES, RETRIEVE_K, WINDOW_BLOCK, repository_f
 from triton_stats import model_stats, settled
 from tritonclient.utils import InferenceServerException
 
-from genrec.builders.handlers import Catalogue, parse_history
 from genrec.builders.limits import Limits
+from genrec.builders.requests import Catalogue, parse_history
 from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, RecommendClient, protocol
 from genrec.training.batch import SequenceBatch

@@ -16,7 +16,7 @@ from server_constants import RETRIEVE_K, WINDOW_BLOCK
 from triton_stats import inferences, settled
 
 from genrec.builders.build import BuildConfig, build_repository
-from genrec.builders.handlers import Catalogue
+from genrec.builders.requests import Catalogue
 from genrec.builders.runtimes import TorchRuntime
 from genrec.builders.tritonserver import ServerConfig, TritonServer, free_ports
 from genrec.client import RecommendClient, wire

@@ -16,6 +16,8 @@ One = TypeVar("One")  # one user's Recommendations, or an awaitable of them
 OneRanking = TypeVar("OneRanking")
 Many = TypeVar("Many")  # list[Recommendations], or an awaitable of it
 ManyRankings = TypeVar("ManyRankings")
+UserId = int | str | None  # names the user whose K/V the server keeps (`recommend`)
+PerUser = Sequence[ArrayLike | None] | None  # one entry (or None) per user of a batch call, or None for all
 
 
 class ClientCore(Generic[One, OneRanking, Many, ManyRankings]):
@@ -81,16 +83,8 @@ class ClientCore(Generic[One, OneRanking, Many, ManyRankings]):
 
     # -- one user ------------------------------------------------------------------------------
 
-    def recommend(
-        self,
-        user_seq: ArrayLike,
-        k: int = 10,
-        *,
-        timestamps: ArrayLike | None = None,
-        actions: ArrayLike | None = None,
-        exclude_seen: bool = True,
-        user_id: int | str | None = None,
-    ) -> One:
+    def recommend(self, user_seq: ArrayLike, k: int = 10, *, timestamps: ArrayLike | None = None,
+                  actions: ArrayLike | None = None, exclude_seen: bool = True, user_id: UserId = None) -> One:
         """The k best items for one user's history: retrieval, then re-ranking.
 
         With ``user_id`` (and real ``timestamps``) the server keeps this user's K/V: next time, when the
@@ -98,67 +92,33 @@ class ClientCore(Generic[One, OneRanking, Many, ManyRankings]):
         """
         return self._request(wire.top_k, protocol.RECOMMEND, user_seq, k, timestamps, actions, exclude_seen, user_id)
 
-    def retrieve(
-        self,
-        user_seq: ArrayLike,
-        k: int = 10,
-        *,
-        timestamps: ArrayLike | None = None,
-        actions: ArrayLike | None = None,
-        exclude_seen: bool = True,
-    ) -> One:
+    def retrieve(self, user_seq: ArrayLike, k: int = 10, *, timestamps: ArrayLike | None = None,
+                 actions: ArrayLike | None = None, exclude_seen: bool = True) -> One:
         """The k best items by the retrieval score alone (no re-ranking)."""
         return self._request(wire.top_k, protocol.RETRIEVE, user_seq, k, timestamps, actions, exclude_seen)
 
-    def rank(
-        self,
-        user_seq: ArrayLike,
-        candidates: ArrayLike,
-        *,
-        timestamps: ArrayLike | None = None,
-        actions: ArrayLike | None = None,
-        user_id: int | str | None = None,
-    ) -> OneRanking:
+    def rank(self, user_seq: ArrayLike, candidates: ArrayLike, *, timestamps: ArrayLike | None = None,
+             actions: ArrayLike | None = None, user_id: UserId = None) -> OneRanking:
         """One score per candidate item, in the order given; `Ranking.ordered()` sorts them. ``user_id`` as
         in `recommend` (the two share the user's cached K/V)."""
         return self._request(wire.rank, user_seq, candidates, timestamps, actions, user_id)
 
     # -- many users, sent concurrently ---------------------------------------------------------
 
-    def recommend_batch(
-        self,
-        user_seqs: Sequence[ArrayLike],
-        k: int = 10,
-        *,
-        timestamps: Sequence[ArrayLike | None] | None = None,
-        actions: Sequence[ArrayLike | None] | None = None,
-        exclude_seen: bool = True,
-    ) -> Many:
+    def recommend_batch(self, user_seqs: Sequence[ArrayLike], k: int = 10, *, timestamps: PerUser = None,
+                        actions: PerUser = None, exclude_seen: bool = True) -> Many:
         """`recommend` for each user; ``timestamps``/``actions`` hold one entry (or None) per user.
 
         Every user's input is validated before anything is sent; the first failing user raises.
         """
         return self._requests(wire.top_k_batch, protocol.RECOMMEND, user_seqs, k, timestamps, actions, exclude_seen)
 
-    def retrieve_batch(
-        self,
-        user_seqs: Sequence[ArrayLike],
-        k: int = 10,
-        *,
-        timestamps: Sequence[ArrayLike | None] | None = None,
-        actions: Sequence[ArrayLike | None] | None = None,
-        exclude_seen: bool = True,
-    ) -> Many:
+    def retrieve_batch(self, user_seqs: Sequence[ArrayLike], k: int = 10, *, timestamps: PerUser = None,
+                       actions: PerUser = None, exclude_seen: bool = True) -> Many:
         """`retrieve` for each user, as `recommend_batch`."""
         return self._requests(wire.top_k_batch, protocol.RETRIEVE, user_seqs, k, timestamps, actions, exclude_seen)
 
-    def rank_batch(
-        self,
-        user_seqs: Sequence[ArrayLike],
-        candidates: Sequence[ArrayLike],
-        *,
-        timestamps: Sequence[ArrayLike | None] | None = None,
-        actions: Sequence[ArrayLike | None] | None = None,
-    ) -> ManyRankings:
+    def rank_batch(self, user_seqs: Sequence[ArrayLike], candidates: Sequence[ArrayLike], *,
+                   timestamps: PerUser = None, actions: PerUser = None) -> ManyRankings:
         """`rank` for each user; ``candidates`` holds one candidate list per user."""
         return self._requests(wire.rank_batch, user_seqs, candidates, timestamps, actions)
