@@ -304,23 +304,26 @@ def write_markdown(
 Config = TypeVar("Config")
 
 
-def micro_main(
-    argv: Sequence[str] | None,
+def micro_cli(
     doc: str | None,
     config: Callable[..., Config],
     quick: dict[str, Any],
     run: Callable[[Config, str], None],
     quick_help: str,
     threads_help: str,
-) -> None:
-    """The command line of a single-process benchmark: --quick (the config with `quick`'s fields), --out-dir
+) -> Callable[[Sequence[str] | None], None]:
+    """The ``main(argv)`` of a single-process benchmark: --quick (the config with `quick`'s fields), --out-dir
     and --threads, then ``run(config, command_line())``."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
-    parser.add_argument("--threads", type=int, default=0, help=threads_help)
-    args = parser.parse_args(argv)
-    chosen = config(out_dir=args.out_dir, threads=args.threads)
-    if args.quick:
-        chosen = dataclasses.replace(chosen, **quick)  # type: ignore[type-var]
-    run(chosen, command_line())
+
+    def main(argv: Sequence[str] | None = None) -> None:
+        parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--quick", action="store_true", help=quick_help)
+        parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
+        parser.add_argument("--threads", type=int, default=0, help=threads_help)
+        args = parser.parse_args(argv)
+        chosen = config(out_dir=args.out_dir, threads=args.threads)
+        if args.quick:
+            chosen = dataclasses.replace(chosen, **quick)  # type: ignore[type-var]
+        run(chosen, command_line())
+
+    return main

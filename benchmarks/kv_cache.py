@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from genrec.benchmarks.common import (
     Timing,
     machine_description,
     matmul_peak_gflops,
-    micro_main,
+    micro_cli,
     oversubscription_warning,
     print_table,
     time_call,
@@ -435,10 +435,9 @@ def run(cfg: KVBenchConfig, command: str) -> None:
     print(f"wrote {cfg.out_dir / 'kv_cache.md'} and {image}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    micro_main(argv, __doc__, KVBenchConfig, QUICK, run, quick_help="fewer repeats and less no-cache work (noisier)",
-               threads_help="torch threads (default: all cores)")
-
+main = micro_cli(__doc__, KVBenchConfig, QUICK, run,
+                 quick_help="fewer repeats and less no-cache work (noisier)",
+                 threads_help="torch threads (default: all cores)")
 
 if __name__ == "__main__":
     main()

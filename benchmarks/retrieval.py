@@ -37,7 +37,7 @@ from genrec.benchmarks.common import (
     Timing,
     machine_description,
     matmul_peak_gflops,
-    micro_main,
+    micro_cli,
     oversubscription_warning,
     print_table,
     summarize,
@@ -380,10 +380,9 @@ def run(cfg: RetrievalBenchConfig, command: str) -> None:
     print(f"wrote {cfg.out_dir / 'retrieval.md'} and {image} in {elapsed:.0f} s")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    micro_main(argv, __doc__, RetrievalBenchConfig, QUICK, run, quick_help="200k items instead of 1M, fewer batch passes",
-               threads_help="torch and FAISS threads (default: all cores)")
-
+main = micro_cli(__doc__, RetrievalBenchConfig, QUICK, run,
+                 quick_help="200k items instead of 1M, fewer batch passes",
+                 threads_help="torch and FAISS threads (default: all cores)")
 
 if __name__ == "__main__":
     main()
