@@ -79,13 +79,20 @@ def test_rank_and_retrieve_agree_with_recommend(client: RecommendClient, users) 
 def test_batched_concurrent_requests_match_sequential(client: RecommendClient, server: TritonServer, users) -> None:
     """Histories of different lengths share batches (dynamic + ragged batching) with identical results."""
     sequential = [client.recommend(u[0].tolist(), k=10, timestamps=u[1].tolist()) for u in users]
-    stats_before = _executions(server)
-    batched = client.recommend_batch([u[0].tolist() for u in users], k=10, timestamps=[u[1].tolist() for u in users])
-    executions, inferences = np.subtract(
-        settled(lambda: _executions(server), lambda now: now[1] - stats_before[1] >= len(users)), stats_before)
-    assert [b.item_ids.tolist() for b in batched] == [s.item_ids.tolist() for s in sequential]
-    assert inferences == len(users)
-    assert executions < inferences  # some requests were executed together
+    shared = []
+    for _ in range(3):  # whether requests meet in the queue is up to the machine's timing: up to 3 rounds
+        stats_before = _executions(server)
+        batched = client.recommend_batch([u[0].tolist() for u in users], k=10,
+                                         timestamps=[u[1].tolist() for u in users])
+        executions, inferences = np.subtract(
+            settled(lambda: _executions(server), lambda now: now[1] - stats_before[1] >= len(users)),  # noqa: B023
+            stats_before)
+        assert [b.item_ids.tolist() for b in batched] == [s.item_ids.tolist() for s in sequential]
+        assert inferences == len(users)
+        shared.append(executions < inferences)  # some requests were executed together
+        if shared[-1]:
+            break
+    assert any(shared), f"{len(users)} concurrent requests never shared an execution in 3 rounds"
 
 
 def _executions(server: TritonServer) -> tuple[int, int]:
