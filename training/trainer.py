@@ -246,7 +246,9 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append({name: term.item() for name, term in terms.items()})
+            # one host sync per step for all the terms
+            values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
+            losses.append(dict(zip(terms, values, strict=True)))
             bar.set_postfix({name: f"{value:.3f}" for name, value in losses[-1].items()})
         train_seconds = time.monotonic() - epoch_start
         val = evaluate(model, valid, config.eval)
