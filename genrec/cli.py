@@ -123,7 +123,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
         from genrec.training.prepare import DataConfig, evaluate_checkpoint
         from genrec.training.report import print_metrics
 
-        data = _data_config(args) if args.data is not None else DataConfig.load(args.checkpoint)
+        try:
+            data = _data_config(args) if args.data is not None else DataConfig.load(args.checkpoint)
+        except FileNotFoundError as error:  # a checkpoint from before data_config.json, or no checkpoint
+            print(f"genrec eval: {error}", file=sys.stderr)
+            return 1
         metrics = evaluate_checkpoint(args.checkpoint, data, args.split, not args.keep_history)
         print(json.dumps(metrics, indent=2)) if args.json else print_metrics(metrics)
         return 0

@@ -86,5 +86,8 @@ def test_eval_finds_the_data_the_checkpoint_was_trained_on(tmp_path, capsys: pyt
                 "--min-user-interactions", "30"]
     assert main(explicit) == 0
     assert json.loads(capsys.readouterr().out) == recorded
+    (out / "checkpoint" / "data_config.json").rename(tmp_path / "moved.json")
+    assert main(["eval", "--checkpoint", str(out / "checkpoint")]) == 1  # nothing recorded: said, not a traceback
+    assert "does not record its data (data_config.json): pass --data" in capsys.readouterr().err
     with pytest.raises(ValueError, match="trained on other data"):  # ml-100k is not what it was trained on
         main(["eval", "--checkpoint", str(out / "checkpoint"), "--data", "ml-100k"])
