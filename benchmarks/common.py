@@ -193,6 +193,39 @@ def oversubscription_warning() -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """How a benchmark began: its thread count, and the machine as it was then (its load is the one that
+    mattered)."""
+
+    threads: int
+    machine: str
+    warning: str | None  # oversubscription_warning() at the start
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"measured under load: {self.warning}"] if self.warning else []
+
+    @property
+    def report_machine(self) -> str:
+        return f"{self.machine} (at start)"
+
+
+def start_run(config: object, threads: int = 0, **described: object) -> RunStart:
+    """What a single-process benchmark does first: torch on `threads` threads (0: every core), then its config,
+    anything else `described` and the machine printed, and a warning when other work already fills the cores."""
+    import torch
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    start = RunStart(threads, machine_description(), oversubscription_warning())
+    lines = [f"benchmark config: {config}", *(f"{key.replace('_', ' ')}: {value}" for key, value in described.items())]
+    print("\n".join([*lines, f"machine: {start.machine}"]), flush=True)
+    if start.warning:
+        print(f"WARNING: {start.warning}", flush=True)
+    return start
+
+
 def machine_description() -> str:
     """One line: CPU model, cores, memory, load at the time, OS, Python and torch versions."""
     parts = [f"{cpu_model()}", f"{os.cpu_count()} cores"]
@@ -274,7 +307,7 @@ def write_markdown(
     machine: str | None = None,
 ) -> None:
     """A report: title, how it was produced (command, revision, machine, date), the table, more sections,
-    an optional image (linked relative to the report) and notes. ``machine``: the description taken when
+    an optional image (linked relative to the report) and notes; says where it wrote. ``machine``: the description taken when
     the run started (its load average is the one that mattered); default: described now."""
     path.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -299,6 +332,7 @@ def write_markdown(
     if notes:
         out += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     path.write_text("\n".join(out))
+    print(f"wrote {path}" + (f" and {image}" if image is not None else ""))
 
 
 Config = TypeVar("Config")

@@ -6,21 +6,12 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from genrec.benchmarks.common import (
-    Timing,
-    time_interleaved,
-)
-from genrec.benchmarks.serving_data import (
-    History,
-)
-
-if TYPE_CHECKING:  # serving imports this module
-    from genrec.benchmarks.serving import ServingBenchConfig
-
+from genrec.benchmarks.common import Timing, time_interleaved
+from genrec.benchmarks.serving_config import ServingBenchConfig
+from genrec.benchmarks.serving_data import History
 
 
 @dataclass(frozen=True)

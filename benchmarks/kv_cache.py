@@ -31,11 +31,10 @@ from genrec.benchmarks.common import (
     RESULTS_DIR,
     Section,
     Timing,
-    machine_description,
     matmul_peak_gflops,
     micro_cli,
-    oversubscription_warning,
     print_table,
+    start_run,
     time_call,
     time_interleaved,
     write_markdown,
@@ -293,15 +292,10 @@ def measure_kernel(model: HSTU, cfg: KVBenchConfig, peak: float) -> list[list[ob
 
 
 def run(cfg: KVBenchConfig, command: str) -> None:
-    threads = cfg.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
     model_config = hstu_config("reference", num_items=cfg.num_items, max_len=cfg.max_len)
-    machine = machine_description()
-    print(f"benchmark config: {cfg}\nmodel config: {model_config}\nmachine: {machine}", flush=True)
-    warning = oversubscription_warning()
-    if warning:
-        print(f"WARNING: {warning}", flush=True)
+    start = start_run(cfg, cfg.threads, model_config=model_config)
+    threads = start.threads
+    torch.manual_seed(cfg.seed)
     model = HSTU(model_config).eval()
     target_case = dataclasses.replace(cfg, lengths=(200,), candidates=(100,))
     thread_rows: list[list[object]] = []
@@ -397,7 +391,7 @@ def run(cfg: KVBenchConfig, command: str) -> None:
         "(projections near the matmul rate, layer norms, the relative-bias lookups) of 5-50 us each. "
         "Incremental prefill writes the new event's K/V into the cache's spare room (`KVArena`), so it reads "
         "the cached K/V once and copies nothing; its 2.7 MFLOP are dominated by per-op overhead.",
-        *([f"measured under load: {warning}"] if warning else []),
+        *start.notes,
         f"model: {model_config}",
         f"benchmark config: {dataclasses.replace(cfg, out_dir=Path('benchmarks/results'))}",
     ]
@@ -431,8 +425,7 @@ def run(cfg: KVBenchConfig, command: str) -> None:
         )
     title = "KV-cache ablation: cached candidate scoring vs recomputing the history"
     write_markdown(cfg.out_dir / "kv_cache.md", title, command, HEADERS, body, notes=notes, sections=sections,
-                   image=image, machine=f"{machine} (at start)")
-    print(f"wrote {cfg.out_dir / 'kv_cache.md'} and {image}")
+                   image=image, machine=start.report_machine)
 
 
 main = micro_cli(__doc__, KVBenchConfig, QUICK, run,

@@ -10,16 +10,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from genrec.benchmarks.servers import MODEL_VERSION
-from genrec.builders.tritonserver import (
-    find_perf_analyzer,
-)
-
-if TYPE_CHECKING:  # serving imports this module
-    from genrec.benchmarks.serving import ServingBenchConfig
-
+from genrec.benchmarks.serving_config import ServingBenchConfig
+from genrec.builders.tritonserver import find_perf_analyzer
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ml1m = ({name: ml1m_epoch_seconds(name.lower(), TrainConfig.batch_size) for name in args.models}
             if suite.time_ml1m_epoch and not args.quick else {})
     write_report(out, suite, base, runs, seeds, popularity_baseline(suite.data), ml1m, quality_minutes, machine, args)
-    print(f"wrote {out} ({(time.monotonic() - started) / 60:.1f} min)")
+    print(f"in {(time.monotonic() - started) / 60:.1f} min")
     return 0
 
 

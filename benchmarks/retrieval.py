@@ -19,7 +19,6 @@ Counting first, brute force per query: 2·N·d FLOPs (N=1M: 0.26 GFLOP) and N·d
 from __future__ import annotations
 
 import dataclasses
-import os
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -35,11 +34,10 @@ from genrec.benchmarks.common import (
     RESULTS_DIR,
     Section,
     Timing,
-    machine_description,
     matmul_peak_gflops,
     micro_cli,
-    oversubscription_warning,
     print_table,
+    start_run,
     summarize,
     time_call,
     write_markdown,
@@ -272,14 +270,9 @@ def plot(results: Sequence[Result], path: Path, k: int) -> None:
 
 def run(cfg: RetrievalBenchConfig, command: str) -> None:
     began = time.perf_counter()
-    threads = cfg.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    start = start_run(cfg, cfg.threads)
+    threads = start.threads
     faiss.omp_set_num_threads(threads)
-    machine = machine_description()
-    print(f"benchmark config: {cfg}\nmachine: {machine}", flush=True)
-    warning = oversubscription_warning()
-    if warning:
-        print(f"WARNING: {warning}", flush=True)
     data = make_catalogue(cfg)
     table = torch.from_numpy(data.table)  # shares memory with the numpy table
     print(f"catalogue {data.table.shape} in {time.perf_counter() - began:.1f} s", flush=True)
@@ -363,7 +356,7 @@ def run(cfg: RetrievalBenchConfig, command: str) -> None:
         f"isotropic noise {cfg.isotropic_noise}, L2-normalised; seed {cfg.seed}.",
         f"peak RSS {peak_rss:.2f} GiB; total run {elapsed:.0f} s.",
         *([ivf_note] if ivf_note else []),
-        *([f"measured under load: {warning}"] if warning else []),
+        *start.notes,
         f"benchmark config: {dataclasses.replace(cfg, out_dir=Path('benchmarks/results'))}",
     ]
     write_markdown(
@@ -375,9 +368,9 @@ def run(cfg: RetrievalBenchConfig, command: str) -> None:
         notes=notes,
         sections=[Section("Brute force against its floor (count first)", floor_headers, floors)],
         image=image,
-        machine=f"{machine} (at start)",
+        machine=start.report_machine,
     )
-    print(f"wrote {cfg.out_dir / 'retrieval.md'} and {image} in {elapsed:.0f} s")
+    print(f"in {elapsed:.0f} s")
 
 
 main = micro_cli(__doc__, RetrievalBenchConfig, QUICK, run,

@@ -11,14 +11,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from genrec.benchmarks.common import (
-    REPO_ROOT,
-)
-from genrec.benchmarks.serving_data import (
-    History,
-)
+from genrec.benchmarks.common import REPO_ROOT
+from genrec.benchmarks.serving_config import ServingBenchConfig, Weights
+from genrec.benchmarks.serving_data import History
 from genrec.builders.tritonserver import (
     ServerConfig,
     TritonServer,
@@ -26,11 +23,6 @@ from genrec.builders.tritonserver import (
     free_ports,
 )
 
-if TYPE_CHECKING:  # serving imports this module
-    from genrec.benchmarks.serving import ServingBenchConfig
-
-
-Weights = Literal["trained", "untrained"]
 
 @dataclass(frozen=True)
 class Served:

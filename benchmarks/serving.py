@@ -38,16 +38,11 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from genrec.args import config_from_args
 from genrec.benchmarks.batching import batching_ceiling
-from genrec.benchmarks.common import (
-    REPO_ROOT,
-    RESULTS_DIR,
-    command_line,
-)
+from genrec.benchmarks.common import REPO_ROOT, RESULTS_DIR, command_line
 from genrec.benchmarks.in_process import Overhead, triton_vs_in_process
 from genrec.benchmarks.locust_runner import LocustResult, run_locust
 from genrec.benchmarks.perf_analyzer import Target, sweep
@@ -57,12 +52,12 @@ from genrec.benchmarks.servers import (
     SMALL_ONNX,
     SMALL_TORCH,
     Served,
-    Weights,
     build,
     make_checkpoint,
     running_servers,
     warm_up,
 )
+from genrec.benchmarks.serving_config import QUICK, ServingBenchConfig
 from genrec.benchmarks.serving_data import (
     History,
     composing_entries,
@@ -72,59 +67,6 @@ from genrec.benchmarks.serving_data import (
     write_input_data,
 )
 from genrec.benchmarks.serving_report import load_summary, report
-
-
-@dataclass(frozen=True)
-class ServingBenchConfig:
-    small_checkpoint: Path | None = None  # None: runs/bench/paper/checkpoint (made there when missing)
-    reference_checkpoint: Path | None = (
-        None  # None: runs/bench/reference/checkpoint (made there when missing)
-    )
-    small_weights: Weights = "trained"  # how a missing small checkpoint is made
-    reference_weights: Weights = "trained"  # how a missing reference checkpoint is made
-    retrain: bool = False  # make the checkpoints again even when runs/bench has them
-    small_epochs: int = 3
-    small_max_minutes: float = 3.0  # checked between epochs
-    reference_epochs: int = 1
-    reference_max_minutes: float = 3.0  # checked between epochs; serving speed does not depend on quality
-    comparisons: bool = True  # also serve reference with batching off and small with onnx
-    work_dir: Path = REPO_ROOT / "runs" / "bench"
-    out_dir: Path = RESULTS_DIR
-    num_histories: int = 64  # distinct users in the request data (perf_analyzer cycles through them)
-    composing_histories: int = 16  # of those, in the direct composing-model runs (K/V inputs are large)
-    k: int = 10
-    retrieve_k: int = 100
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 2000
-    server_threads: int = 1  # torch threads per model instance (OMP_NUM_THREADS of the server)
-    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
-    composing_concurrency: tuple[int, ...] = (1, 8)
-    window_s: float = 2.0  # perf_analyzer time window; each level measures three
-    max_window_s: float = 20.0  # a slow configuration gets longer windows, up to this
-    min_requests: int = 10  # per window, for sizing the windows of slow configurations
-    warmup_requests: int = 8
-    locust_users: int = 16
-    locust_seconds: int = 30
-    overhead_requests: int = 60  # Triton vs in-process: timed requests of each (after 2 warm-up calls)
-    seed: int = 0
-
-
-QUICK: dict[str, Any] = dict(
-    small_weights="untrained",
-    reference_weights="untrained",
-    comparisons=False,
-    num_histories=16,
-    composing_histories=8,
-    concurrency=(1, 4),
-    composing_concurrency=(1,),
-    window_s=1.0,
-    min_requests=5,
-    warmup_requests=4,
-    locust_users=8,
-    locust_seconds=10,
-    overhead_requests=20,
-)
-
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
 
@@ -255,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         help="smoke run (< 4 min): the small model only, torch, 2 levels, short locust; "
         "untrained weights unless runs/bench already has trained ones",
     )
-    parser.add_argument(
-        "--checkpoint", type=Path, help="the small model's checkpoint (default: train 'paper')"
-    )
+    parser.add_argument("--checkpoint", dest="small_checkpoint", type=Path,
+                        help="the small model's checkpoint (default: train 'paper')")
     parser.add_argument("--reference-checkpoint", type=Path, help="the reference-size checkpoint")
     parser.add_argument(
         "--untrained-reference",
@@ -266,17 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--retrain", action="store_true", help="make the checkpoints again")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md, .png and raw/ go")
-    parser.add_argument(
-        "--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench", help="checkpoints and repositories"
-    )
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench",
+                        help="checkpoints and repositories")
     args = parser.parse_args(argv)
-    cfg = ServingBenchConfig(
-        small_checkpoint=args.checkpoint,
-        reference_checkpoint=args.reference_checkpoint,
-        retrain=args.retrain,
-        out_dir=args.out_dir,
-        work_dir=args.work_dir,
-    )
+    cfg = config_from_args(ServingBenchConfig, args)
     if args.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     if args.untrained_reference:

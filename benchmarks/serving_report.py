@@ -6,7 +6,6 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from genrec.benchmarks.batching import HEADERS as BATCHING_HEADERS
 from genrec.benchmarks.common import (
@@ -19,10 +18,7 @@ from genrec.benchmarks.in_process import Overhead
 from genrec.benchmarks.locust_runner import LOCUST_GRACE_S, LocustResult
 from genrec.benchmarks.perf_analyzer import Target, perf_analyzer_args
 from genrec.benchmarks.servers import REF_OFF, REF_ON, SMALL_ONNX, SMALL_TORCH, Checkpoint, shown
-
-if TYPE_CHECKING:  # serving imports this module
-    from genrec.benchmarks.serving import ServingBenchConfig
-
+from genrec.benchmarks.serving_config import ServingBenchConfig
 
 
 def _ms(us: float) -> float:
@@ -347,7 +343,7 @@ def report(
         sections=sections,
         image=image,
     )
-    print(f"wrote {path} and {image} in {elapsed / 60:.1f} min")
+    print(f"in {elapsed / 60:.1f} min")
 
 
 def load_summary() -> str:

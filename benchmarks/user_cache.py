@@ -39,13 +39,13 @@ import numpy as np
 from genrec.benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,
+    RunStart,
     Section,
     command_line,
-    machine_description,
     matmul_peak_gflops,
-    oversubscription_warning,
     percentile,
     print_table,
+    start_run,
     write_markdown,
 )
 from genrec.benchmarks.reliability import rss_mb_by_process
@@ -258,8 +258,7 @@ def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCa
 
 
 def run(cfg: UserCacheBenchConfig, command: str) -> None:
-    machine = machine_description()
-    warning = oversubscription_warning()
+    start = start_run(cfg, cfg.threads)
     peak = matmul_peak_gflops()
     reference = _checkpoint("reference", cfg)
     small = _checkpoint("paper", cfg)
@@ -304,7 +303,7 @@ def run(cfg: UserCacheBenchConfig, command: str) -> None:
                                   t["queue_ms"], t["io_ms"], t["stub_ms"]])
             results["overhead"].append(dict(model=name, **t))
     results["eviction"] = eviction_run(reference, item_ids, cfg)
-    write_report(cfg, command, machine, warning, c, num_items, peak, rows, overhead_rows, results)
+    write_report(cfg, command, start, c, num_items, peak, rows, overhead_rows, results)
 
 
 def eviction_run(checkpoint: Path, item_ids: np.ndarray, cfg: UserCacheBenchConfig) -> dict:
@@ -387,7 +386,7 @@ def plot(rows: Sequence[Sequence[object]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: UserCacheBenchConfig, command: str, machine: str, warning: str | None, c: HSTUConfig,
+def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HSTUConfig,
                  num_items: int, peak: float, rows: list, overhead_rows: list, results: dict) -> None:
     headers = ["L", "concurrency", "cache", "requests/s", "p50 ms", "p99 ms", "hit rate", "MFLOP/request",
                "GFLOP/s", "on / off throughput"]
@@ -425,11 +424,10 @@ def write_report(cfg: UserCacheBenchConfig, command: str, machine: str, warning:
         "serialisation and gRPC.",
         "Eviction: users drawn uniformly at random from 10x as many as the budget holds, concurrency 16; the "
         "bytes in use are read from the metrics port after every request.",
+        *start.notes,
     ]
-    if warning:
-        notes.append(warning)
     write_markdown(cfg.out_dir / "user_cache.md", "Per-user K/V cache through Triton", command, headers, rows,
-                   notes=notes, image=image, machine=machine,
+                   notes=notes, image=image, machine=start.report_machine,
                    sections=[Section("Triton vs in process (cache on, concurrency 1)", overhead_headers, overhead_rows),
                              Section("10x more users than the budget holds", eviction_headers, eviction_rows)])
 

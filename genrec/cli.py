@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from genrec.args import HelpFormatter, config_from_args
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -32,7 +34,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-user-interactions", type=int, default=5, help="drop users with fewer events")
 
 
-def _data_config(args: argparse.Namespace):
+def data_config(args: argparse.Namespace):
+    """The data flags (train, eval) as a DataConfig."""
     from genrec.training.datasets import ColumnMapping
     from genrec.training.prepare import DataConfig
     from genrec.training.sequences import PreprocessConfig
@@ -43,6 +46,27 @@ def _data_config(args: argparse.Namespace):
                               args.rating_col),
         preprocess=PreprocessConfig(min_user_interactions=args.min_user_interactions),
     )
+
+
+def train_config(args: argparse.Namespace):
+    """`genrec train`'s flags as a TrainConfig."""
+    from genrec.training.losses import LossConfig
+    from genrec.training.metrics import EvalConfig
+    from genrec.training.popularity import PopularityConfig
+    from genrec.training.trainer import TrainConfig
+
+    return config_from_args(
+        TrainConfig, args, loss=LossConfig(kind=args.loss, high_rating=args.high_rating),
+        progress=not args.no_progress, eval=EvalConfig(exclude_history=not args.keep_history),
+        popularity=PopularityConfig(enabled=not args.no_popularity),
+    )
+
+
+def build_config(args: argparse.Namespace):
+    """`genrec build`'s flags as a BuildConfig."""
+    from genrec.builders.build import BuildConfig
+
+    return config_from_args(BuildConfig, args, dynamic_batching=not args.no_dynamic_batching)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> Handler:
@@ -85,21 +109,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (plain lines when not a terminal)")
 
     def run(args: argparse.Namespace) -> int:
-        from genrec.training.losses import LossConfig
-        from genrec.training.metrics import EvalConfig
-        from genrec.training.popularity import PopularityConfig
         from genrec.training.prepare import run_training
-        from genrec.training.trainer import TrainConfig
 
-        config = TrainConfig(
-            model=args.model, preset=args.preset, max_len=args.max_len, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
-            max_minutes=args.max_minutes, loss=LossConfig(kind=args.loss, high_rating=args.high_rating),
-            seed=args.seed, device=args.device, out=args.out, resume=args.resume, progress=not args.no_progress,
-            eval=EvalConfig(exclude_history=not args.keep_history),
-            popularity=PopularityConfig(enabled=not args.no_popularity),
-        )
-        metrics = run_training(_data_config(args), config)
+        metrics = run_training(data_config(args), train_config(args))
         from genrec.training.report import print_metrics
 
         print_metrics(metrics)
@@ -124,7 +136,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> Handler:
         from genrec.training.report import print_metrics
 
         try:
-            data = _data_config(args) if args.data is not None else DataConfig.load(args.checkpoint)
+            data = data_config(args) if args.data is not None else DataConfig.load(args.checkpoint)
         except FileNotFoundError as error:  # a checkpoint from before data_config.json, or no checkpoint
             print(f"genrec eval: {error}", file=sys.stderr)
             return 1
@@ -173,17 +185,9 @@ def _add_build(sub: argparse._SubParsersAction) -> Handler:
                         "(default: %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
-        from genrec.builders.build import BuildConfig, build_repository
+        from genrec.builders.build import build_repository
 
-        config = BuildConfig(
-            checkpoint=args.checkpoint, repository=args.repository, runtime=args.runtime,
-            retrieve_k=args.retrieve_k, max_batch_size=args.max_batch_size, instances=args.instances,
-            dynamic_batching=not args.no_dynamic_batching, faiss=args.faiss, device=args.device,
-            max_history_events=args.max_history_events, max_candidates=args.max_candidates,
-            user_cache_mb=args.user_cache_mb, user_cache_ttl_s=args.user_cache_ttl_s, window_block=args.window_block,
-            threads=args.threads,
-        )
-        version = build_repository(config)
+        version = build_repository(build_config(args))
         print(f"built {args.repository} (version {version}, runtime {args.runtime})")
         return 0
 
@@ -207,17 +211,16 @@ def _add_rollout(sub: argparse._SubParsersAction) -> Handler:
                        description="For a server started with --model-control explicit: reloads the composing "
                        "models, then the ensembles pinned to them, so that no request fails or mixes two builds "
                        "(also across a change of catalogue). Run `genrec build` first.")
-    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="(default: %(default)s)")
-    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (default: %(default)s)")
-    p.add_argument("--admin-key-file", type=Path, default=default_admin_key_file(),
-                   help="the key `genrec serve` uses (default: %(default)s)")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the model repository")
+    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
+    p.add_argument("--admin-key-file", type=Path, default=default_admin_key_file(), help="the key `genrec serve` uses")
     p.add_argument("--tls-cert", type=Path, default=None, help="the server's certificate, if it serves TLS")
 
     def run(args: argparse.Namespace) -> int:
         from genrec.builders.rollout import RolloutConfig, RolloutError, rollout
 
         try:
-            version = rollout(RolloutConfig(args.repository, args.url, args.admin_key_file, args.tls_cert))
+            version = rollout(config_from_args(RolloutConfig, args))
         except RolloutError as error:
             print(f"genrec rollout: {error}", file=sys.stderr)
             return 1
@@ -270,16 +273,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> Handler:
     return run
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's help ends with its default, unless the help already says it or there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(
         prog="genrec",
@@ -297,7 +290,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         "bench": _add_bench(sub),
     }
     for verb in sub.choices.values():
-        verb.formatter_class = _HelpFormatter
+        verb.formatter_class = HelpFormatter
     return parser, handlers
 
 

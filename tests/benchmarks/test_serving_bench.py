@@ -10,7 +10,7 @@ import pytest
 
 from genrec.benchmarks.perf_analyzer import Target, parse_perf_csv, sweep
 from genrec.benchmarks.servers import SMALL_TORCH, build, running_servers, warm_up
-from genrec.benchmarks.serving import ServingBenchConfig
+from genrec.benchmarks.serving_config import ServingBenchConfig
 from genrec.benchmarks.serving_data import History, recommend_entry, write_input_data
 from genrec.training.prepare import DataConfig, prepare
 
