@@ -54,12 +54,12 @@ class BatchingConfig:
 
 def _requests(checkpoint: Path, histories: Sequence[History], cfg: BatchingConfig) -> dict[str, tuple[Handler, list[Request]]]:
     meta = load_meta(checkpoint)
-    config = meta.model_config
+    config = meta.hstu_config()
     runtime = TorchRuntime(checkpoint)
     catalogue = Catalogue.from_meta(meta)
     limits = Limits()
-    encoder = UserEncoder(runtime, catalogue, int(config["max_len"]), limits)
-    shape = (config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"])
+    encoder = UserEncoder(runtime, catalogue, config.max_len, limits)
+    shape = (config.num_layers, config.num_heads, config.d_qk, config.d_v)
     scorer = CandidateScorer(runtime, catalogue, shape, limits)
     encode = [
         {
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     cfg = BatchingConfig()
-    max_len = int(load_meta(args.checkpoint).model_config["max_len"])
+    max_len = load_meta(args.checkpoint).model_config.max_len
     histories = ml100k_histories(cfg.num_histories, max_len=max_len, seed=cfg.seed)
     print_table(f"per-request cost by batch size, in process, {cfg.threads} thread", HEADERS,
                 batching_ceiling(args.checkpoint, histories, cfg))

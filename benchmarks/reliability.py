@@ -147,7 +147,7 @@ def run(cfg: ReliabilityConfig) -> dict:
     repository = cfg.work_dir / "repository"
     shutil.rmtree(repository, ignore_errors=True)
     build_repository(BuildConfig(checkpoint=checkpoint, repository=repository))
-    max_len = int(load_meta(checkpoint).model_config["max_len"])
+    max_len = load_meta(checkpoint).model_config.max_len
     histories = ml100k_histories(64, max_len=max_len, seed=cfg.seed)
     key = "reliability-benchmark"
     key_file = cfg.work_dir / "admin-key"
@@ -329,7 +329,6 @@ def report(results: dict, cfg: ReliabilityConfig) -> None:
     write_markdown(out, "Reliability of the served repository", command_line(), ["check", "measured", "target"],
                    headline, sections=sections, machine=results["machine"])
     (cfg.out_dir / "reliability.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

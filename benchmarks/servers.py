@@ -92,8 +92,7 @@ def save_untrained(preset: str, out: Path, seed: int, max_len: int | None = None
     torch.manual_seed(seed)
     model = make_model(config, data).eval()
     meta = CheckpointMeta(
-        model_type="hstu",
-        model_config=dataclasses.asdict(model.config),
+        model_config=model.config,
         item_raw_ids=data.item_vocab.raw_ids,
         item_titles=data.item_titles,
         action_values=data.action_values,

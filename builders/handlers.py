@@ -383,14 +383,14 @@ def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Ha
     """Build the handler a served model's ``model.py`` calls, from its version folder's artifacts."""
     meta = load_meta(version_dir / "checkpoint")
     catalogue = Catalogue.from_meta(meta)
-    config = meta.model_config
+    config = meta.hstu_config()
     limits = Limits.from_parameters(parameters)
     threads = int(parameters.get("threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
     if kind == "top_n":
         return TopN(limits)
-    max_len, block = int(config["max_len"]), int(parameters.get("window_block", 1))
+    max_len, block = config.max_len, int(parameters.get("window_block", 1))
     if kind in ("item_retrieval", "recommender"):
         table = np.load(version_dir / "item_table.npy")
         index_path = version_dir / "item_index.faiss"
@@ -403,11 +403,11 @@ def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Ha
         cache_bytes = int(float(parameters.get("user_cache_mb", 0)) * 2**20)
         cache = UserCache(cache_bytes, float(parameters.get("user_cache_ttl_s", 0))) if cache_bytes else None
         user_runtime = runtime if isinstance(runtime, TorchRuntime) else Stateless(runtime)
-        return Recommender(user_runtime, retrieval, catalogue, max_len, block, limits, cache, int(config["score_chunk"]))
+        return Recommender(user_runtime, retrieval, catalogue, max_len, block, limits, cache, config.score_chunk)
     if kind == "user_encoder":
         return UserEncoder(runtime, catalogue, max_len, limits, block)
     if kind == "candidate_scorer":
-        shape = (config["num_layers"], config["num_heads"], config["d_qk"], config["d_v"])
+        shape = (config.num_layers, config.num_heads, config.d_qk, config.d_v)
         return CandidateScorer(runtime, catalogue, shape, limits)
     raise ValueError(f"unknown handler {kind!r}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -22,27 +22,43 @@ from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.sasrec import SASRec, SASRecConfig
 
 FORMAT_VERSION = 2  # 2: the ranking head is a RankHead with popularity features
-MODEL_TYPES: dict[str, tuple[type[nn.Module], type]] = {"hstu": (HSTU, HSTUConfig), "sasrec": (SASRec, SASRecConfig)}
+ModelConfig: TypeAlias = HSTUConfig | SASRecConfig
+# A checkpoint's "model_type": the module and its typed config
+MODEL_TYPES: dict[str, tuple[type[nn.Module], type[ModelConfig]]] = {
+    "hstu": (HSTU, HSTUConfig),
+    "sasrec": (SASRec, SASRecConfig),
+}
 
 
 @dataclass(frozen=True)
 class CheckpointMeta:
     """What the builders and the server need besides the weights."""
 
-    model_type: str
-    model_config: dict[str, Any]
+    model_config: ModelConfig  # its type says which model the weights are for
     item_raw_ids: np.ndarray  # (N,) raw id of dense index i + 1
     item_titles: np.ndarray  # (N+1,) object, '' unknown
     action_values: np.ndarray  # (A,) rating value of action id a + 1
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def model_type(self) -> str:
+        return model_type_of(self.model_config)
 
-def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model type {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
-    module_cls, config_cls = MODEL_TYPES[model_type]
-    return module_cls(config_cls(**config))
+    def hstu_config(self) -> HSTUConfig:
+        """The config of an HSTU checkpoint, the only kind the builders serve."""
+        if not isinstance(self.model_config, HSTUConfig):
+            raise ValueError(f"only HSTU checkpoints can be served (this one is {self.model_type})")
+        return self.model_config
+
+
+def model_type_of(config: ModelConfig) -> str:
+    return next(name for name, (_, cls) in MODEL_TYPES.items() if isinstance(config, cls))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    module_cls, _ = MODEL_TYPES[model_type_of(config)]
+    return module_cls(config)
 
 
 def save_checkpoint(directory: Path, model: nn.Module, meta: CheckpointMeta, metrics: dict | None = None) -> None:
@@ -53,7 +69,7 @@ def save_checkpoint(directory: Path, model: nn.Module, meta: CheckpointMeta, met
     config = {
         "format_version": FORMAT_VERSION,
         "model_type": meta.model_type,
-        "model": meta.model_config,
+        "model": asdict(meta.model_config),
         "action_values": meta.action_values.tolist(),
         "data": meta.data,
         "train": meta.train,
@@ -81,9 +97,12 @@ def load_meta(directory: Path) -> CheckpointMeta:
         raise ValueError(f"{directory}: checkpoint format {config.get('format_version')} != {FORMAT_VERSION}")
     vocab = json.loads((directory / "vocab.json").read_text())
     dtype = np.int64 if vocab["item_id_type"] == "int" else object
+    if config["model_type"] not in MODEL_TYPES:
+        raise ValueError(f"{directory}: unknown model type {config['model_type']!r}; expected one of "
+                         f"{sorted(MODEL_TYPES)}")
+    _, config_cls = MODEL_TYPES[config["model_type"]]
     return CheckpointMeta(
-        model_type=config["model_type"],
-        model_config=config["model"],
+        model_config=config_cls(**config["model"]),
         item_raw_ids=np.asarray(vocab["item_raw_ids"], dtype=dtype),
         item_titles=np.asarray(vocab["item_titles"], dtype=object),
         action_values=np.asarray(config["action_values"], dtype=np.float64),
@@ -95,10 +114,6 @@ def load_meta(directory: Path) -> CheckpointMeta:
 def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """The model in eval mode and its metadata; outputs are bit-identical to the saved model's."""
     meta = load_meta(directory)
-    model = build_model(meta.model_type, meta.model_config)
+    model = build_model(meta.model_config)
     model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
     return model.to(device).eval(), meta
-
-
-def model_config_dict(config: HSTUConfig | SASRecConfig) -> dict[str, Any]:
-    return asdict(config)

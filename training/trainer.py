@@ -325,8 +325,7 @@ def describe_config(config: TrainConfig) -> str:
 
 def _meta(config: TrainConfig, model: HSTU | SASRec, data: SequenceData, data_name: str) -> CheckpointMeta:
     return CheckpointMeta(
-        model_type=config.model,
-        model_config=asdict(model.config),  # type: ignore[call-overload]
+        model_config=model.config,
         item_raw_ids=data.item_vocab.raw_ids,
         item_titles=data.item_titles,
         action_values=data.action_values,

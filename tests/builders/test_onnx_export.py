@@ -29,7 +29,7 @@ from genrec.builders.onnx_export import (
     names,
 )
 from genrec.builders.runtimes import Prefilled, TorchRuntime
-from genrec.training.checkpoint import CheckpointMeta, model_config_dict, save_checkpoint
+from genrec.training.checkpoint import CheckpointMeta, save_checkpoint
 from genrec.training.embeddings import ItemFeatures
 from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.popularity import PopularityConfig, popularity_table
@@ -60,8 +60,7 @@ def make_checkpoint(directory: Path) -> Path:
         for parameter in model.parameters():
             parameter.normal_(0.0, WEIGHT_STD)
     meta = CheckpointMeta(
-        model_type="hstu",
-        model_config=model_config_dict(config),
+        model_config=config,
         item_raw_ids=np.arange(NUM_ITEMS, dtype=np.int64) * 7 + 100,
         item_titles=np.array([""] * (NUM_ITEMS + 1), dtype=object),
         action_values=np.arange(1, NUM_ACTIONS, dtype=np.float64),

@@ -19,7 +19,7 @@ import torch
 from genrec.builders.onnx_export import export_onnx
 from genrec.builders.runtimes import TorchRuntime
 from genrec.builders.tensorrt_build import TensorRTConfig, build_engines, tensorrt_available
-from genrec.training.checkpoint import CheckpointMeta, model_config_dict, save_checkpoint
+from genrec.training.checkpoint import CheckpointMeta, save_checkpoint
 from genrec.training.hstu import HSTU, HSTUConfig
 
 NUM_ITEMS, NUM_ACTIONS, TOP_K, NUM_CANDIDATES = 500, 4, 10, 200
@@ -37,8 +37,7 @@ def make_checkpoint(directory: Path) -> Path:
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
     meta = CheckpointMeta(
-        model_type="hstu",
-        model_config=model_config_dict(config),
+        model_config=config,
         item_raw_ids=np.arange(1, NUM_ITEMS + 1, dtype=np.int64),
         item_titles=np.array([""] * (NUM_ITEMS + 1), dtype=object),
         action_values=np.arange(1, NUM_ACTIONS, dtype=np.float64),

@@ -44,7 +44,7 @@ class Catalog:
 @pytest.fixture(scope="module")
 def catalog(tiny_checkpoint: Path) -> Catalog:
     _, meta = load_checkpoint(tiny_checkpoint)
-    return Catalog([int(i) for i in meta.item_raw_ids], int(meta.model_config["max_len"]))
+    return Catalog([int(i) for i in meta.item_raw_ids], meta.model_config.max_len)
 
 
 def _closed_port() -> str:

@@ -125,7 +125,7 @@ def test_unknown_out_of_range_and_too_long_histories(client: RecommendClient, ti
     with_unknown = client.recommend([*known, 10**12, -1], k=5)
     assert with_unknown.num_unknown == 2
     assert with_unknown.item_ids.tolist() == client.recommend(known, k=5).item_ids.tolist()
-    max_len = meta.model_config["max_len"]
+    max_len = meta.model_config.max_len
     long = (meta.item_raw_ids[np.arange(max_len + 25) % len(meta.item_raw_ids)]).tolist()
     truncated = client.recommend(long, k=5, exclude_seen=False)
     dropped = window_start(len(long), max_len, WINDOW_BLOCK)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +49,10 @@ def make(model_type: str) -> HSTU | SASRec:
     return randomised(SASRec(SASRecConfig(**common)))
 
 
-def meta_for(model: nn.Module, model_type: str, raw_ids: np.ndarray) -> CheckpointMeta:
+def meta_for(model: nn.Module, raw_ids: np.ndarray) -> CheckpointMeta:
     titles = np.array([""] + [f"item ‘{i}’" for i in range(NUM_ITEMS)], dtype=object)
     return CheckpointMeta(
-        model_type=model_type,
-        model_config=asdict(model.config),  # type: ignore[arg-type]
+        model_config=model.config,  # type: ignore[arg-type]
         item_raw_ids=raw_ids,
         item_titles=titles,
         action_values=np.array([1.0, 4.5], dtype=np.float32),
@@ -83,7 +81,7 @@ def outputs(model: nn.Module) -> list[torch.Tensor]:
 def test_load_gives_bit_identical_outputs(model_type: str, tmp_path: Path) -> None:
     model = make(model_type)
     raw_ids = np.arange(101, 101 + NUM_ITEMS, dtype=np.int64)
-    save_checkpoint(tmp_path / "ckpt", model, meta_for(model, model_type, raw_ids), {"full": {"HR@10": 0.5}})
+    save_checkpoint(tmp_path / "ckpt", model, meta_for(model, raw_ids), {"full": {"HR@10": 0.5}})
     loaded, meta = load_checkpoint(tmp_path / "ckpt")
 
     assert type(loaded) is type(model) and not loaded.training
@@ -106,12 +104,12 @@ def test_load_gives_bit_identical_outputs(model_type: str, tmp_path: Path) -> No
 )
 def test_config_and_vocabulary_round_trip(raw_ids: np.ndarray, tmp_path: Path) -> None:
     model = make("hstu")
-    meta = meta_for(model, "hstu", raw_ids)
+    meta = meta_for(model, raw_ids)
     save_checkpoint(tmp_path, model, meta)
     back = load_meta(tmp_path)
 
     assert back.model_type == "hstu"
-    assert HSTUConfig(**back.model_config) == model.config
+    assert back.model_config == model.config
     assert back.item_raw_ids.tolist() == raw_ids.tolist()
     assert all(type(a) is type(b) for a, b in zip(back.item_raw_ids.tolist(), raw_ids.tolist(), strict=True))
     if raw_ids.dtype == object:
@@ -128,7 +126,7 @@ def test_load_rejects_what_is_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(tmp_path)
     model = make("sasrec")
-    save_checkpoint(tmp_path, model, meta_for(model, "sasrec", np.arange(1, NUM_ITEMS + 1)))
+    save_checkpoint(tmp_path, model, meta_for(model, np.arange(1, NUM_ITEMS + 1)))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "format_version": 999}))
     with pytest.raises(ValueError, match="format 999"):
@@ -136,3 +134,8 @@ def test_load_rejects_what_is_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt"}))
     with pytest.raises(ValueError, match="unknown model type 'gpt'"):
         load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    meta = load_meta(tmp_path)
+    assert meta.model_type == "sasrec" and meta.model_config == model.config
+    with pytest.raises(ValueError, match="only HSTU checkpoints can be served"):
+        meta.hstu_config()
