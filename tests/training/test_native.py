@@ -43,8 +43,13 @@ def test_kernel_matches_the_eager_form(b: int, t: int, heads: int, length: int, 
     with torch.inference_mode():
         fused = attend_cached(q, keys, values, bias, 1 / 64)
         expected = _eager(q, keys, values, bias, 1 / 64)
+        # fp32 sums of `length` terms in another order differ by ~sqrt(length) ulps of the terms' magnitude,
+        # not of the (possibly cancelling) result: measure against that (the kernel's vector width and so its
+        # order follow -march=native)
+        scores = torch.einsum("bthd,blhd->bhtl", q, keys) + bias[:, None]
+        magnitude = torch.einsum("bhtl,blhd->bthd", F.silu(scores).abs(), values.abs()) / 64
     assert fused.shape == (b, t, heads, dv)
-    np.testing.assert_allclose(fused.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_less((fused - expected).abs().numpy(), (1e-5 * magnitude + 1e-7).numpy())
 
 
 def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
