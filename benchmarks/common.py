@@ -307,8 +307,8 @@ def write_markdown(
     machine: str | None = None,
 ) -> None:
     """A report: title, how it was produced (command, revision, machine, date), the table, more sections,
-    an optional image (linked relative to the report) and notes; says where it wrote. ``machine``: the description taken when
-    the run started (its load average is the one that mattered); default: described now."""
+    an optional image (linked relative to the report) and notes; prints where it wrote. ``machine``: the
+    description taken when the run started (its load average is the one that mattered); default: now."""
     path.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
