@@ -23,5 +23,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def config_from_args(config: type[Config], args: argparse.Namespace, **values: Any) -> Config:
     """`config` from the flags named like its fields (`--max-len` fills `max_len`); `values` give the fields
     that have no flag of their name, or that a flag of their name does not fill directly."""
+    if not dataclasses.is_dataclass(config):  # also narrows the type for dataclasses.fields
+        raise TypeError(f"{config.__name__} is not a dataclass")
     taken = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if f.init and hasattr(args, f.name)}
     return config(**(taken | values))
