@@ -216,6 +216,17 @@ def test_timeout_is_deadline_exceeded_and_not_retried(server: TritonServer, cata
     assert elapsed < wire.backoff_s(0) / 2  # one attempt: no backoff was waited
 
 
+def test_tls_against_a_plaintext_server_says_so_and_is_not_retried(server: TritonServer, catalog: Catalog) -> None:
+    with RecommendClient(server.url, timeout_s=5.0, retries=3, ssl=True) as client:
+        assert client.ready() is False
+        start = time.perf_counter()
+        with pytest.raises(GenrecError) as info:
+            client.recommend(catalog.history(3))
+        elapsed = time.perf_counter() - start
+    assert info.value.status == "UNAVAILABLE" and wire.TLS_MISMATCH in str(info.value), info.value
+    assert elapsed < wire.backoff_s(0) / 2  # one attempt: no backoff was waited
+
+
 def test_ready(server: TritonServer) -> None:
     with RecommendClient(server.url) as client:
         assert client.ready() is True

@@ -28,8 +28,9 @@ from .validate import History
 R = TypeVar("R")
 T = TypeVar("T")
 
-# Worth another try: the server was unreachable. Never retried: bad input, unknown model, ..., and a
-# deadline: the server may still be computing it, and retrying slow requests is how overload becomes a storm.
+# Worth another try: the server was unreachable. Never retried: bad input, unknown model, a failed TLS
+# handshake (`is_tls_mismatch`), ..., and a deadline: the server may still be computing it, and retrying
+# slow requests is how overload becomes a storm.
 TRANSIENT = frozenset({"UNAVAILABLE"})
 # gRPC's own reconnect backoff grows to 120 s, so a client of a restarted server stayed UNAVAILABLE for up to
 # ~11 s after it was ready; reconnect attempts here are 0.1 s apart at first and never more than 1 s.
@@ -41,6 +42,10 @@ CHANNEL_ARGS = (
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
+# gRPC connects lazily: a TLS mismatch shows at the first call (or `ready()`), under this message.
+TLS_MISMATCH = (
+    "the TLS handshake failed: the server does not serve TLS, or the client does not trust its certificate"
+)
 
 # The served tensors under the names the caller gave them (RecommendClient's arguments).
 ARGUMENT_NAMES = {
@@ -241,7 +246,15 @@ def error(exc: InferenceServerException, model: str | None, url: str) -> GenrecE
     status = None if status is None else str(status).removeprefix("StatusCode.")
     where = f"{model} at {url}" if model else url
     message = caller_names(str(exc.message()), ARGUMENT_NAMES)
+    if is_tls_mismatch(message):
+        message = f"{TLS_MISMATCH} ({message})"
     return GenrecError(f"{where}: [{status}] {message}", status=status, model=model)
+
+
+def is_tls_mismatch(message: str) -> bool:
+    """gRPC connected but the TLS handshake failed: ``ssl=True`` against a plaintext server, or a certificate
+    the client does not trust. Retrying cannot help, so such an UNAVAILABLE is not transient."""
+    return "handshake failed" in message.lower()
 
 
 def connect(client_class: type[T], url: Any, **tls: Any) -> T:
@@ -320,7 +333,7 @@ def _weight(url: str, user_id: str) -> bytes:
 
 
 def is_transient(err: GenrecError) -> bool:
-    return err.status in TRANSIENT
+    return err.status in TRANSIENT and TLS_MISMATCH not in err.message
 
 
 def backoff_s(attempt: int) -> float:
