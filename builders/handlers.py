@@ -56,12 +56,14 @@ class Handler(Protocol):
     def execute(self, requests: list[Request]) -> list[Result]: ...
 
 
-def _pad(rows: list[np.ndarray], fill: int | float = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad 1-D or N-D rows along their first axis -> (stacked (B, Lmax, ...), lengths (B,))."""
-    lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    out = np.full((len(rows), int(lengths.max()), *rows[0].shape[1:]), fill, dtype=rows[0].dtype)
+def _pad(rows: list[np.ndarray], fill: int | float = 0, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad 1-D or N-D rows along ``axis`` and stack them -> (padded (B, ...), lengths (B,))."""
+    lengths = np.array([r.shape[axis] for r in rows], dtype=np.int64)
+    shape = list(rows[0].shape)
+    shape[axis] = int(lengths.max())
+    out = np.full((len(rows), *shape), fill, dtype=rows[0].dtype)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = r
+        out[(i, *(slice(None),) * axis, slice(0, r.shape[axis]))] = r
     return out, lengths
 
 
@@ -125,14 +127,14 @@ class UserEncoder:
         timestamps, _ = _pad([h.timestamps for h in histories])
         actions, _ = _pad([h.actions for h in histories])
         out = self.runtime.prefill(items, timestamps, actions, lengths)
-        layers, _, _, heads, d_qk = out.keys.shape
+        _, layers, _, heads, d_qk = out.keys.shape
         results = []
         for b, h in enumerate(histories):
             n = len(h.items)
             results.append({
                 USER_EMBEDDING: out.user[b][None],
-                KV_KEYS: out.keys[:, b, :n].reshape(1, layers, n, -1),
-                KV_VALUES: out.values[:, b, :n].reshape(1, layers, n, -1),
+                KV_KEYS: out.keys[b : b + 1, :, :n].reshape(1, layers, n, -1),
+                KV_VALUES: out.values[b : b + 1, :, :n].reshape(1, layers, n, -1),
                 KV_TIMESTAMPS: h.timestamps[None],
                 protocol.NUM_UNKNOWN: np.array([[h.num_unknown]], np.int32),
                 protocol.NUM_TRUNCATED: np.array([[h.num_truncated]], np.int32),
@@ -167,8 +169,8 @@ class CandidateScorer:
         require_finite(keys, KV_KEYS)
         require_finite(values, KV_VALUES)
         require_finite(user, USER_EMBEDDING)
-        k = keys[0].reshape(layers, n, heads, d_qk).transpose(1, 0, 2, 3)  # (L, layers, H, d_qk)
-        v = values[0].reshape(layers, n, heads, d_v).transpose(1, 0, 2, 3)
+        k = keys[0].reshape(layers, n, heads, d_qk)
+        v = values[0].reshape(layers, n, heads, d_v)
         return k, v, timestamps, user, dense
 
     def execute(self, requests: list[Request]) -> list[Result]:
@@ -178,12 +180,12 @@ class CandidateScorer:
         return _in_length_groups(parsed, np.array([len(p[2]) for p in parsed]), self._score_group)
 
     def _score_group(self, parsed: list[tuple[np.ndarray, ...]]) -> list[dict[str, np.ndarray]]:
-        keys, lengths = _pad([p[0] for p in parsed])  # (B, L, layers, H, d)
-        values, _ = _pad([p[1] for p in parsed])
+        keys, lengths = _pad([p[0] for p in parsed], axis=1)  # (B, layers, L, H, d)
+        values, _ = _pad([p[1] for p in parsed], axis=1)
         timestamps, _ = _pad([p[2] for p in parsed])
         user = np.stack([p[3] for p in parsed])
         candidates, counts = _pad([p[4] for p in parsed], fill=1)
-        cache = Prefilled(keys.transpose(2, 0, 1, 3, 4), values.transpose(2, 0, 1, 3, 4), user)
+        cache = Prefilled(keys, values, user)
         scores = self.runtime.score(cache, timestamps, lengths, candidates)
         return [{protocol.SCORES: scores[b, :c][None]} for b, c in enumerate(counts)]
 

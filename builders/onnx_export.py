@@ -5,9 +5,9 @@
 
 Every tensor name and dynamic axis comes from the specs below (``PREFILL_INPUTS`` ... ``SCORER_OUTPUTS``);
 the exporter, ``OnnxRuntime``, the TensorRT builder and the Triton configs all read them from here.
-Every tensor is batch-first, as ONNX Runtime and TensorRT batch them, so the cache leaves the graphs as
-(B, layers, L, H, d); ``OnnxRuntime`` turns it back into the ``Runtime`` protocol's (layers, B, L, H, d). Both
-run inside the Python-backend models, which validate every request first.
+Every tensor is batch-first, as ONNX Runtime and TensorRT batch them and as the model keeps its cache: the
+K/V is (B, layers, L, H, d) from the model through the graphs to the ``Runtime`` protocol. Both run inside the
+Python-backend models, which validate every request first.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class PrefillExport(nn.Module):
     def forward(self, items: Tensor, timestamps: Tensor, actions: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
         """(B, L) int64 x3, (B,) int64 -> keys (B, layers, L, H, dqk), values (B, layers, L, H, dv), user (B, D)."""
         cache, user = self.model.prefill(SequenceBatch(items, timestamps, actions, lengths))
-        return cache.keys.transpose(0, 1), cache.values.transpose(0, 1), user
+        return cache.keys, cache.values, user
 
 
 class ScorerExport(nn.Module):
@@ -111,7 +111,7 @@ class ScorerExport(nn.Module):
     ) -> Tensor:
         """keys/values (B, layers, L, H, d), timestamps (B, L), lengths (B,), user (B, D), candidates (B, C)
         -> scores (B, C) float32."""
-        cache = KVCache(keys.transpose(0, 1), values.transpose(0, 1), timestamps, lengths)
+        cache = KVCache(keys, values, timestamps, lengths)
         request_time = timestamps.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
         return self.model.score_unchunked(cache, user, candidates, request_time)[..., 0]
 
@@ -144,6 +144,8 @@ def _export(
     path: Path,
     opset: int,
 ) -> None:
+    import onnx  # the `train` extra: exporting is a build step, and served models need only onnxruntime
+
     # The TorchScript exporter: the dynamo exporter needs onnxscript, which this project does not depend on,
     # and the traced graph is fully dynamic because HSTU's cache-less prefill and scorer are shape-only.
     with torch.no_grad():
@@ -231,12 +233,11 @@ class OnnxRuntime:
         """items/timestamps/actions (B, L) int64 right-padded, lengths (B,) int64."""
         feed = self._feed(PREFILL_INPUTS, (items, timestamps, actions, lengths))
         keys, values, user = self.prefill_session.run(names(PREFILL_OUTPUTS), feed)
-        # (B, layers, L, H, d) -> the protocol's (layers, B, L, H, d)
-        return Prefilled(np.ascontiguousarray(keys.swapaxes(0, 1)), np.ascontiguousarray(values.swapaxes(0, 1)), user)
+        return Prefilled(keys, values, user)
 
     def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """A `Prefilled` cache (K/V (layers, B, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
+        """A `Prefilled` cache (K/V (B, layers, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
         candidates (B, C) dense ids -> (B, C) float32 served scores (task 0)."""
-        arrays = (cache.keys.swapaxes(0, 1), cache.values.swapaxes(0, 1), timestamps, lengths, cache.user, candidates)
+        arrays = (cache.keys, cache.values, timestamps, lengths, cache.user, candidates)
         (scores,) = self.scorer_session.run(names(SCORER_OUTPUTS), self._feed(SCORER_INPUTS, arrays))
         return scores

@@ -26,8 +26,8 @@ from genrec.training.hstu import HSTU, KVCache
 class Prefilled:
     """A batch of encoded histories, right-padded to the batch's longest."""
 
-    keys: np.ndarray  # (layers, B, L, H, d_qk) float32
-    values: np.ndarray  # (layers, B, L, H, d_v) float32
+    keys: np.ndarray  # (B, layers, L, H, d_qk) float32, as `KVCache`
+    values: np.ndarray  # (B, layers, L, H, d_v) float32
     user: np.ndarray  # (B, D) float32, L2-normalised
 
 
@@ -37,7 +37,7 @@ class Runtime(Protocol):
         ...
 
     def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """A `Prefilled` cache (K/V (layers, B, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
+        """A `Prefilled` cache (K/V (B, layers, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
         candidates (B, C) dense ids -> (B, C) float32 served scores (task 0)."""
         ...
 
@@ -170,13 +170,13 @@ class TorchRuntime:
         caches = [cast(KVCache, s.cache) for s in states]
         lengths = torch.cat([c.lengths for c in caches])
         width, first = int(lengths.max()), caches[0]
-        layers, _, _, heads, d_qk = first.keys.shape
-        keys = first.keys.new_zeros((layers, len(caches), width, heads, d_qk))
-        values = first.values.new_zeros((layers, len(caches), width, heads, first.values.shape[-1]))
+        _, layers, _, heads, d_qk = first.keys.shape
+        keys = first.keys.new_zeros((len(caches), layers, width, heads, d_qk))
+        values = first.values.new_zeros((len(caches), layers, width, heads, first.values.shape[-1]))
         timestamps = first.timestamps.new_zeros((len(caches), width))
         for b, cache in enumerate(caches):
             n = int(cache.lengths[0])
-            keys[:, b, :n], values[:, b, :n], timestamps[b, :n] = cache.keys[:, 0, :n], cache.values[:, 0, :n], cache.timestamps[0, :n]
+            keys[b, :, :n], values[b, :, :n], timestamps[b, :n] = cache.keys[0, :, :n], cache.values[0, :, :n], cache.timestamps[0, :n]
         counts = [len(c) for c in candidates]
         padded = np.ones((len(candidates), max(counts)), np.int64)  # item 1 stands in for padding, then dropped
         for b, c in enumerate(candidates):

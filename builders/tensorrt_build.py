@@ -334,7 +334,7 @@ class TensorRTRuntime:
     """The ``Runtime`` protocol on the two TensorRT plans (see ``build_engines``), on one CUDA GPU.
 
     Same semantics as ``OnnxRuntime``: the plans take and return the exported graphs' batch-first tensors,
-    and this class turns the cache back into the protocol's (layers, B, L, H, d). Batches above the plans'
+    the cache in the protocol's (B, layers, L, H, d). Batches above the plans'
     profile max run as chunks of that max, candidate lists above it as chunks of candidates (each candidate
     is scored on its own); a history longer than the profile's max length is an error (the served models
     truncate histories to the model's max_len, which the engines are built for).
@@ -362,13 +362,12 @@ class TensorRTRuntime:
     def prefill(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray, lengths: np.ndarray) -> Prefilled:
         """items/timestamps/actions (B, L) int64 right-padded, lengths (B,) int64."""
         keys, values, user = self.prefill_plan((items, timestamps, actions, lengths))
-        # (B, layers, L, H, d) -> the protocol's (layers, B, L, H, d)
-        return Prefilled(np.ascontiguousarray(keys.swapaxes(0, 1)), np.ascontiguousarray(values.swapaxes(0, 1)), user)
+        return Prefilled(keys, values, user)
 
     def score(self, cache: Prefilled, timestamps: np.ndarray, lengths: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """A `Prefilled` cache (K/V (layers, B, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
+        """A `Prefilled` cache (K/V (B, layers, L, H, d), user (B, D)), its timestamps (B, L) and lengths (B,),
         candidates (B, C) dense ids -> (B, C) float32 served scores (task 0)."""
-        batch_first = (cache.keys.swapaxes(0, 1), cache.values.swapaxes(0, 1), timestamps, lengths, cache.user)
+        batch_first = (cache.keys, cache.values, timestamps, lengths, cache.user)
         step = self.scorer_plan.limit(CANDIDATES)
         parts = [
             self.scorer_plan((*batch_first, candidates[:, start : start + step]))[0]

@@ -67,15 +67,15 @@ class KVCache:
     into it in place instead of copying the whole cache (see ``KVArena``).
     """
 
-    keys: Tensor  # (layers, B, L, H, d_qk)
-    values: Tensor  # (layers, B, L, H, d_v)
+    keys: Tensor  # (B, layers, L, H, d_qk): batch first, the layout of every runtime and every served tensor
+    values: Tensor  # (B, layers, L, H, d_v)
     timestamps: Tensor  # (B, L) int64
     lengths: Tensor  # (B,) int64
     arena: KVArena | None = field(default=None, repr=False, compare=False)
 
     def select(self, index: Tensor) -> KVCache:
         """Rows `index` (N,) of the batch, e.g. one copy per cut point in training."""
-        return KVCache(self.keys[:, index], self.values[:, index], self.timestamps[index], self.lengths[index])
+        return KVCache(self.keys[index], self.values[index], self.timestamps[index], self.lengths[index])
 
     def with_lengths(self, lengths: Tensor) -> KVCache:
         """The same cache seen as its first `lengths` (B,) events (valid because layers are causal)."""
@@ -83,7 +83,7 @@ class KVCache:
 
 
 class KVArena:
-    """Cache storage with room to append: (layers, B, capacity + 1, ...), the last column a scratch slot for padding.
+    """Cache storage with room to append: (B, layers, capacity + 1, ...), the last column a scratch slot for padding.
 
     ``filled`` (B,) counts the events written per row. Appending in place is safe only at ``filled``: a cache whose
     lengths differ (an older view, a branch) gets a fresh copy instead, so no cache handed out is ever overwritten.
@@ -91,11 +91,11 @@ class KVArena:
     """
 
     def __init__(self, like: KVCache, width: int, capacity: int) -> None:
-        layers, b, _, heads, d_qk = like.keys.shape
+        b, layers, _, heads, d_qk = like.keys.shape
         self.capacity = capacity
         self.inference = torch.is_inference_mode_enabled()
-        self.keys = like.keys.new_zeros((layers, b, capacity + 1, heads, d_qk))
-        self.values = like.values.new_zeros((layers, b, capacity + 1, heads, like.values.shape[-1]))
+        self.keys = like.keys.new_zeros((b, layers, capacity + 1, heads, d_qk))
+        self.values = like.values.new_zeros((b, layers, capacity + 1, heads, like.values.shape[-1]))
         self.timestamps = like.timestamps.new_zeros((b, capacity + 1))
         old = min(like.keys.shape[2], width)  # columns past a row's length are never read before being written
         self.keys[:, :, :old] = like.keys[:, :, :old]
@@ -304,7 +304,7 @@ class HSTU(nn.Module):
             x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask), u)
             keys.append(k)
             values.append(v)
-        return x, KVCache(torch.stack(keys), torch.stack(values), batch.timestamps, batch.lengths)
+        return x, KVCache(torch.stack(keys, dim=1), torch.stack(values, dim=1), batch.timestamps, batch.lengths)
 
     def _append(self, batch: SequenceBatch, cache: KVCache) -> tuple[Tensor, KVCache]:
         """New events land after each row's cached events, written into the cache's arena (in place if it may)."""
@@ -328,9 +328,9 @@ class HSTU(nn.Module):
         scale = 1.0 / self.config.max_len
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
-            arena.keys[i][rows, write_pos] = k
-            arena.values[i][rows, write_pos] = v
-            attended = attend_cached(q, arena.keys[i, :, :width], arena.values[i, :, :width],
+            arena.keys[:, i][rows, write_pos] = k  # a view: written into the arena
+            arena.values[:, i][rows, write_pos] = v
+            attended = attend_cached(q, arena.keys[:, i, :width], arena.values[:, i, :width],
                                      layer.bias(buckets) + padding, scale)
             x = layer.finish(x, attended, u)
         return x, arena.view(width, total)
@@ -370,7 +370,7 @@ class HSTU(nn.Module):
         x = self.embed(candidates, torch.zeros_like(candidates))  # (B, C, D), action unknown
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
-            hist = attend_cached(q, cache.keys[i], cache.values[i], (layer.bias(hist_buckets) + padding)[:, None], scale)
+            hist = attend_cached(q, cache.keys[:, i], cache.values[:, i], (layer.bias(hist_buckets) + padding)[:, None], scale)
             own = F.silu((q * k).sum(-1) + layer.bias(self_buckets))  # (B, C, H): a candidate sees itself
             x = layer.finish(x, hist + (own * scale)[..., None] * v, u)
         return x

@@ -108,7 +108,7 @@ def max_diff(a: Tensor, b: Tensor) -> float:
 
 def valid_kv(cache: KVCache, row: int) -> tuple[Tensor, Tensor, Tensor]:
     n = int(cache.lengths[row])
-    return cache.keys[:, row, :n], cache.values[:, row, :n], cache.timestamps[row, :n]
+    return cache.keys[row, :, :n], cache.values[row, :, :n], cache.timestamps[row, :n]
 
 
 # ---- contract 1: cache exactness ------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_scores_depend_on_valid_cache_entries_only(case: Case) -> None:
     for layer in range(case.num_layers):
         for field in ("keys", "values"):
             tensor = getattr(cache, field).clone()
-            tensor[layer][valid] += torch.randn(tensor[layer][valid].shape, generator=g)
+            tensor[:, layer][valid] += torch.randn(tensor[:, layer][valid].shape, generator=g)  # (B, L) of a layer
             perturbed = KVCache(**{**vars(cache), field: tensor})
             moved = (model.score_candidates(perturbed, user, candidates) - base).abs().amax(dim=(1, 2))
             assert (moved > 100 * TOL).all(), (layer, field, moved)
@@ -157,8 +157,8 @@ def test_scores_depend_on_valid_cache_entries_only(case: Case) -> None:
     padded = ~batch.valid_mask()
     if padded.any():
         keys, values = cache.keys.clone(), cache.values.clone()
-        keys[:, padded] = 1e3
-        values[:, padded] = -1e3
+        keys.transpose(1, 2)[padded] = 1e3  # (B, L) of every layer
+        values.transpose(1, 2)[padded] = -1e3
         noisy = KVCache(keys, values, cache.timestamps, cache.lengths)
         assert torch.equal(model.score_candidates(noisy, user, candidates), base)
 
@@ -256,7 +256,7 @@ def test_incremental_prefill_equals_one_prefill(case: Case, lengths: tuple[int, 
     valid = pieces[0].valid_mask()
     for field in ("keys", "values"):
         tensor = getattr(first, field).clone()
-        tensor[:, valid] += torch.randn(tensor[:, valid].shape, generator=g)
+        tensor.transpose(1, 2)[valid] += torch.randn(tensor.transpose(1, 2)[valid].shape, generator=g)  # every layer
         _, moved = prefill_in_pieces(model, pieces[1:], KVCache(**{**vars(first), field: tensor}))
         # >= 7e-4 even for a 2-event, 1-layer history: well above the tolerance
         assert ((moved - full_user).abs().amax(dim=1) > 10 * TOL).all(), field
