@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[server,bench,dev]"
+	$(PY) -m pip install -q -e ".[train,server,bench,dev]"
 	$(PY) -m pip install -q --no-deps -e ./client  # its two dependencies come with the line above
 	$(PY) -m genrec.training.datasets --fetch-ml100k
 	touch $@

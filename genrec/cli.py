@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from genrec.args import HelpFormatter, config_from_args
+from genrec.extras import missing_extra_message
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -309,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    return handlers[args.verb](args)
+    try:
+        return handlers[args.verb](args)
+    except ModuleNotFoundError as error:  # a slim (serving-only) install: name the extra, not a traceback
+        message = missing_extra_message(error, f"genrec {args.verb}")
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
