@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-epochs", type=int, default=TrainConfig.min_epochs)
     parser.add_argument("--max-minutes", type=float, default=20.0, help="wall-clock cap per run")
     parser.add_argument("--loss", choices=["auto", "full", "sampled"], default=LossConfig.kind, help="for both models")
+    parser.add_argument("--ema-epochs", type=float, default=TrainConfig.ema_epochs,
+                        help="for both models: a moving average of the weights over about this many epochs")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, each on cpu_count / jobs threads")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 epoch, one seed, no ML-1M timing")
     parser.add_argument("--workdir", type=Path, default=Path("runs/quality"))
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     patience = suite.patience if args.patience is None else args.patience
     base = TrainConfig(batch_size=suite.batch_size, epochs=args.epochs, patience=patience,
                        min_epochs=args.min_epochs, max_minutes=args.max_minutes, loss=LossConfig(kind=args.loss),
-                       progress=False)
+                       ema_epochs=args.ema_epochs, progress=False)
     seeds = args.seeds
     if args.quick:
         base = replace(base, preset="tiny", epochs=1, min_epochs=0, max_minutes=None)
@@ -262,10 +264,12 @@ def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, lis
         for protocol, metric in (("full", "HR@10"), ("full", "NDCG@10"), ("sampled", "HR@10"), ("sampled", "NDCG@10")):
             summary.append([f"HSTU {metric}, {protocol}", cell([r[protocol][metric] for r in hstu])])
     image = out.with_suffix(".png")
+    weights = "raw" if base.ema_epochs is None else f"moving average over ~{base.ema_epochs:g} epochs"
     write_markdown(
         out, f"Quality: {' vs '.join(runs)} on {suite.title}", command_line(), ["headline", "mean ± std"], summary,
         notes=[f"{len(seeds)} seeds {seeds}; leave-one-out (last event = test, second-to-last = validation); "
-               f"preset {base.preset}; loss for both models: {first_run['loss']}; quality runs took "
+               f"preset {base.preset}; loss for both models: {first_run['loss']}; weights: {weights}; "
+               f"quality runs took "
                f"{minutes:.1f} min", f"per-seed metrics: `{out.with_suffix('.json').name}`"],
         sections=sections, image=image, machine=machine,
     )

@@ -94,6 +94,8 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--high-rating", type=float, default=None,
                    help="HSTU's second ranking task learns whether the next item is rated >= this (default: the "
                    "upper half of the log's rating scale, 4-5 of 1-5)")
+    g.add_argument("--ema-epochs", type=float, default=None,
+                   help="validate and keep a moving average of the weights over about this many epochs")
     g.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs without a better validation NDCG@10 ...")
     g.add_argument("--min-epochs", type=int, default=10, help="... counted only from this epoch on")

@@ -5,6 +5,7 @@ Runs on one CPU, one GPU (bf16 autocast), or many processes under ``torchrun`` (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -13,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,9 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget for the training loop
     seed: int = 0
     action_dropout: float = 0.1  # hide an event's action so the model also serves callers that send none
+    # Validate, keep and serve an exponential moving average of the weights over about this many epochs of
+    # optimiser steps (Polyak averaging); None: the raw weights.
+    ema_epochs: float | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     popularity: PopularityConfig = field(default_factory=PopularityConfig)  # the HSTU scorer's features
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -88,6 +93,41 @@ class TrainConfig:
     out: Path = Path("runs/hstu")
     resume: bool = False
     progress: bool = True
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters over about ``horizon`` optimiser steps. Early
+    steps weigh more (decay ``(1 + t) / (10 + t)`` until it reaches ``1 - 1 / horizon``), so the average of
+    the first epochs is not the initialisation's. Buffers (tables, features) are not averaged."""
+
+    def __init__(self, model: nn.Module, horizon: float) -> None:
+        self.most_decay = 1.0 - 1.0 / max(horizon, 1.0)
+        self.params = [p.detach().clone() for p in model.parameters()]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.most_decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """The model holds the averaged weights inside the block, its own again after it."""
+        own = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in model.parameters()], self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in model.parameters()], own)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.params, self.steps = state["params"], state["steps"]
 
 
 def hstu_config(preset: str, **fields: Any) -> HSTUConfig:
@@ -201,6 +241,10 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     state_path = out / "trainer_state.pt"
     start_epoch, best, best_epoch, stale = 0, -1.0, -1, 0
     best_state = copy.deepcopy(model.state_dict())
+    average: WeightAverage | None = None
+    if config.ema_epochs is not None:
+        steps_per_epoch = len(train_set_batches(train_set, config, 0)) // world
+        average = WeightAverage(model, config.ema_epochs * steps_per_epoch)
     if config.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -208,6 +252,8 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch, stale = state["epoch"] + 1, state["best"], state["best_epoch"], state["stale"]
         best_state = state["best_model"]
+        if average is not None and state.get("average") is not None:
+            average.load_state_dict(state["average"])
         torch.set_rng_state(state["rng"].cpu())
         if is_main:
             console.print(f"resumed from {state_path} at epoch {start_epoch}")
@@ -246,17 +292,21 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update(model)
             # one host sync per step for all the terms
             values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
             losses.append(dict(zip(terms, values, strict=True)))
             bar.set_postfix({name: f"{value:.3f}" for name, value in losses[-1].items()})
         train_seconds = time.monotonic() - epoch_start
-        val = evaluate(model, valid, config.eval)
-        score = val["NDCG@10"]
-        improved = score > best
+        with average.applied(model) if average is not None else contextlib.nullcontext():
+            val = evaluate(model, valid, config.eval)
+            score = val["NDCG@10"]
+            improved = score > best
+            if improved:  # the averaged weights, when averaging: what validation saw is what is kept
+                best_state = copy.deepcopy(model.state_dict())
         if improved:
             best, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
         elif epoch >= config.min_epochs:
             stale += 1
         if is_main:
@@ -284,11 +334,12 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
             torch.save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale, "best_model": best_state,
-                 "rng": torch.get_rng_state()},
+                 "average": average.state_dict() if average is not None else None, "rng": torch.get_rng_state()},
                 state_path,
             )
             if improved:  # the end overwrites it, calibrated and with its test metrics
-                save_checkpoint(out / "checkpoint", model, _meta(config, model, data, data_name))
+                with average.applied(model) if average is not None else contextlib.nullcontext():
+                    save_checkpoint(out / "checkpoint", model, _meta(config, model, data, data_name))
         if stop.item():
             break
     model.load_state_dict(best_state)

@@ -25,7 +25,7 @@ from genrec.training.hstu import HSTU
 from genrec.training.metrics import EvalConfig, metrics_from_ranks
 from genrec.training.popularity import PopularityConfig, popularity_table
 from genrec.training.prepare import DataConfig, evaluate_checkpoint, prepare, run_training
-from genrec.training.trainer import RANKER_WEIGHTS, TrainConfig, make_model
+from genrec.training.trainer import RANKER_WEIGHTS, TrainConfig, WeightAverage, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,3 +189,39 @@ def test_an_interrupted_run_leaves_its_best_weights_to_evaluate(tmp_path: Path, 
     assert best == max(range(len(rows)), key=lambda e: float(rows[e]["val_NDCG@10"]))
     metrics = evaluate_checkpoint(checkpoint, DataConfig.load(checkpoint))
     assert metrics["full"]["HR@10"] >= 5 * CHANCE_HR10  # the best epoch's weights, not an untrained model
+
+
+def test_the_weight_average_follows_its_decay_and_gives_the_model_back() -> None:
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, horizon=4)  # at most decay 0.75; (1 + t) / (10 + t) before that
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        decay = min(0.75, (1 + step) / (10 + step))
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+        average.update(model)
+    own = [p.detach().clone() for p in model.parameters()]
+    with average.applied(model):
+        for p, e in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.detach(), e)
+    for p, o in zip(model.parameters(), own, strict=True):
+        assert torch.equal(p.detach(), o)  # its own weights again
+    assert not torch.allclose(expected[0], own[0])  # the check can fail: the average lags the weights
+
+
+def test_an_averaged_run_checkpoints_the_weights_it_validated_and_resumes_to_the_same_end(tmp_path: Path) -> None:
+    def averaged(out: Path, epochs: int, resume: bool = False) -> TrainConfig:
+        return replace(config(out, epochs, resume), ema_epochs=1.0, calibrate_ranker=False)
+
+    straight = run_training(DATA, averaged(tmp_path / "straight", epochs=3))
+    run_training(DATA, averaged(tmp_path / "resumed", epochs=2))
+    resumed = run_training(DATA, averaged(tmp_path / "resumed", epochs=3, resume=True))
+    for protocol in ("full", "sampled", "two_stage"):  # the average is part of the resumable state
+        assert resumed[protocol] == straight[protocol], protocol
+    log = list(csv.DictReader((tmp_path / "straight" / "metrics.csv").open()))
+    model, _ = load_checkpoint(tmp_path / "straight" / "checkpoint")
+    _, split, _ = prepare(DATA)
+    best = max(log, key=lambda row: float(row["val_NDCG@10"]))
+    assert evaluate(model, split.valid, EvalConfig())["NDCG@10"] == pytest.approx(float(best["val_NDCG@10"]), abs=1e-6)
