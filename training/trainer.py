@@ -96,20 +96,26 @@ class TrainConfig:
 
 
 class WeightAverage:
-    """An exponential moving average of a model's parameters over about ``horizon`` optimiser steps. Early
-    steps weigh more (decay ``(1 + t) / (10 + t)`` until it reaches ``1 - 1 / horizon``), so the average of
-    the first epochs is not the initialisation's. Buffers (tables, features) are not averaged."""
+    """An exponential moving average of a model's parameters over about ``epochs`` epochs of optimiser steps
+    (``epochs`` times the epoch's steps, given at each update: the horizon ``h``). Early steps weigh more
+    (decay ``(1 + t) / (10 + t)`` until it reaches ``1 - 1 / h``), so the average of the first epochs is not
+    the initialisation's. Buffers (tables, features) are not averaged."""
 
-    def __init__(self, model: nn.Module, horizon: float) -> None:
-        self.most_decay = 1.0 - 1.0 / max(horizon, 1.0)
+    def __init__(self, model: nn.Module, epochs: float) -> None:
         self.params = [p.detach().clone() for p in model.parameters()]
-        self.steps = 0
+        self.epochs, self.steps = epochs, 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, steps_per_epoch: int) -> None:
         self.steps += 1
-        decay = min(self.most_decay, (1 + self.steps) / (10 + self.steps))
+        horizon = max(self.epochs * steps_per_epoch, 1.0)
+        decay = min(1.0 - 1.0 / horizon, (1 + self.steps) / (10 + self.steps))
         torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+    @staticmethod
+    def applied_if(average: WeightAverage | None, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """`applied` when there is an average, else nothing."""
+        return average.applied(model) if average is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
@@ -241,10 +247,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     state_path = out / "trainer_state.pt"
     start_epoch, best, best_epoch, stale = 0, -1.0, -1, 0
     best_state = copy.deepcopy(model.state_dict())
-    average: WeightAverage | None = None
-    if config.ema_epochs is not None:
-        steps_per_epoch = len(train_set_batches(train_set, config, 0)) // world
-        average = WeightAverage(model, config.ema_epochs * steps_per_epoch)
+    average = WeightAverage(model, config.ema_epochs) if config.ema_epochs is not None else None
     if config.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -293,13 +296,13 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
             optimizer.step()
             scheduler.step()
             if average is not None:
-                average.update(model)
+                average.update(model, len(batches))
             # one host sync per step for all the terms
             values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
             losses.append(dict(zip(terms, values, strict=True)))
             bar.set_postfix({name: f"{value:.3f}" for name, value in losses[-1].items()})
         train_seconds = time.monotonic() - epoch_start
-        with average.applied(model) if average is not None else contextlib.nullcontext():
+        with WeightAverage.applied_if(average, model):
             val = evaluate(model, valid, config.eval)
             score = val["NDCG@10"]
             improved = score > best
@@ -338,7 +341,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
                 state_path,
             )
             if improved:  # the end overwrites it, calibrated and with its test metrics
-                with average.applied(model) if average is not None else contextlib.nullcontext():
+                with WeightAverage.applied_if(average, model):
                     save_checkpoint(out / "checkpoint", model, _meta(config, model, data, data_name))
         if stop.item():
             break

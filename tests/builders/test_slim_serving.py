@@ -1,7 +1,8 @@
 """Serving needs only genrec's core dependencies, what a slim serving image installs: in a fresh interpreter
 where every module of the `train` extra (pandas, pyarrow, matplotlib, onnx, tqdm) fails to import, every
 Python-backend model of a built repository loads from its own config and answers, for the torch and the onnx
-runtime. (The Python backend's stub ignores PYTHONPATH, so the block cannot be put into a real server.)"""
+runtime. (A real server cannot carry the block: its Python-backend stubs receive PYTHONPATH but did not run
+a sitecustomize from it, measured with a mark file.)"""
 
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ def test_an_interrupted_run_leaves_its_best_weights_to_evaluate(tmp_path: Path, 
 
 def test_the_weight_average_follows_its_decay_and_gives_the_model_back() -> None:
     model = torch.nn.Linear(3, 2)
-    average = WeightAverage(model, horizon=4)  # at most decay 0.75; (1 + t) / (10 + t) before that
+    average = WeightAverage(model, epochs=2)  # 2 epochs of 2 steps: at most decay 0.75, (1 + t) / (10 + t) before
     expected = [p.detach().clone() for p in model.parameters()]
     for step in range(1, 40):
         with torch.no_grad():
@@ -201,7 +201,7 @@ def test_the_weight_average_follows_its_decay_and_gives_the_model_back() -> None
                 p.add_(1.0)
         decay = min(0.75, (1 + step) / (10 + step))
         expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
-        average.update(model)
+        average.update(model, steps_per_epoch=2)
     own = [p.detach().clone() for p in model.parameters()]
     with average.applied(model):
         for p, e in zip(model.parameters(), expected, strict=True):
