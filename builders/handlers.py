@@ -36,7 +36,7 @@ from genrec.builders.requests import (
     scalar,
     tensor,
 )
-from genrec.builders.runtimes import Prefilled, Runtime, Stateless, TorchRuntime, UserRuntime, UserState
+from genrec.builders.runtimes import Prefilled, Runtime, Stateless, TorchRuntime, UserRuntime, UserState, pad
 from genrec.builders.user_cache import UserCache
 from genrec.client import protocol, validate
 from genrec.training.batch import length_groups
@@ -56,17 +56,6 @@ class Handler(Protocol):
     def execute(self, requests: list[Request]) -> list[Result]: ...
 
 
-def _pad(rows: list[np.ndarray], fill: int | float = 0, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad 1-D or N-D rows along ``axis`` and stack them -> (padded (B, ...), lengths (B,))."""
-    lengths = np.array([r.shape[axis] for r in rows], dtype=np.int64)
-    shape = list(rows[0].shape)
-    shape[axis] = int(lengths.max())
-    out = np.full((len(rows), *shape), fill, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[(i, *(slice(None),) * axis, slice(0, r.shape[axis]))] = r
-    return out, lengths
-
-
 def _in_length_groups(rows: list, lengths: np.ndarray, compute) -> list:  # type: ignore[no-untyped-def]
     """compute(sub-list) per length group, results back in the rows' order."""
     results: list = [None] * len(rows)
@@ -77,8 +66,9 @@ def _in_length_groups(rows: list, lengths: np.ndarray, compute) -> list:  # type
 
 
 def _similar(rows: list[int], lengths: list[int], counts: list[int]) -> list[list[int]]:
-    """`rows` in groups of similar history length and, within those, similar candidate count: scored together
-    they pad little (a maximal `rank` never pads a `recommend` of its batch to its candidate count)."""
+    """`rows` in groups of similar history length and, within those, similar count (of candidates to score,
+    or of new events to append): run together they pad little (a maximal `rank` never pads a `recommend`
+    of its batch to its candidate count)."""
     if not rows:
         return []
     groups = []
@@ -123,9 +113,9 @@ class UserEncoder:
         return _in_length_groups(histories, np.array([len(h.items) for h in histories]), self._encode_group)
 
     def _encode_group(self, histories: list[History]) -> list[dict[str, np.ndarray]]:
-        items, lengths = _pad([h.items for h in histories])
-        timestamps, _ = _pad([h.timestamps for h in histories])
-        actions, _ = _pad([h.actions for h in histories])
+        items, lengths = pad([h.items for h in histories])
+        timestamps, _ = pad([h.timestamps for h in histories])
+        actions, _ = pad([h.actions for h in histories])
         out = self.runtime.prefill(items, timestamps, actions, lengths)
         _, layers, _, heads, d_qk = out.keys.shape
         results = []
@@ -180,11 +170,11 @@ class CandidateScorer:
         return _in_length_groups(parsed, np.array([len(p[2]) for p in parsed]), self._score_group)
 
     def _score_group(self, parsed: list[tuple[np.ndarray, ...]]) -> list[dict[str, np.ndarray]]:
-        keys, lengths = _pad([p[0] for p in parsed], axis=1)  # (B, layers, L, H, d)
-        values, _ = _pad([p[1] for p in parsed], axis=1)
-        timestamps, _ = _pad([p[2] for p in parsed])
+        keys, lengths = pad([p[0] for p in parsed], axis=1)  # (B, layers, L, H, d)
+        values, _ = pad([p[1] for p in parsed], axis=1)
+        timestamps, _ = pad([p[2] for p in parsed])
         user = np.stack([p[3] for p in parsed])
-        candidates, counts = _pad([p[4] for p in parsed], fill=1)
+        candidates, counts = pad([p[4] for p in parsed], fill=1)
         cache = Prefilled(keys, values, user)
         scores = self.runtime.score(cache, timestamps, lengths, candidates)
         return [{protocol.SCORES: scores[b, :c][None]} for b, c in enumerate(counts)]
@@ -214,7 +204,7 @@ class ItemRetrieval:
     def search(self, users: np.ndarray, exclude: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Users (B, D), each one's dense ids to leave out -> per user, the best dense ids and their scores:
         fewer than `retrieve_k` for a user who has seen nearly every item (or from FAISS)."""
-        padded, _ = _pad(exclude)
+        padded, _ = pad(exclude)
         if self.index is None:
             found = top_k(torch.from_numpy(users), self.table, self.depth, torch.from_numpy(padded))
             ids, scores = found[0].numpy(), found[1].numpy()
@@ -324,7 +314,7 @@ class Recommender:
         return _run_valid(with_gone, lambda pair: replace(self._parse(pair[0]), gone=pair[1]), self._serve)
 
     def _serve(self, parsed: list[UserRequest]) -> list[Result]:
-        states = [self._state(p) for p in parsed]
+        states = self._states(parsed)
         recommend = [i for i, p in enumerate(parsed) if p.candidates is None]
         retrieved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if recommend:  # one search for the batch's recommend requests
@@ -365,20 +355,49 @@ class Recommender:
                 results.append({**TopN.top(self.catalogue.vocab.to_raw(ids).astype(np.int64), score, p.k), **report})
         return results
 
-    def _state(self, p: UserRequest) -> tuple[UserState, int]:
-        """The user's state and how many of its events came from the cache."""
-        h = p.history
-        if p.user_id is None or self.cache is None:
-            return self.runtime.encode(h.items, h.timestamps, h.actions), 0
-        entry = self.cache.lookup(p.user_id, h.raw, h.num_truncated).entry
-        if entry is None:
-            state, cached = self.runtime.encode(h.items, h.timestamps, h.actions), 0
-        else:
-            cached, new = entry.num_events, slice(entry.num_events, None)
-            state = entry.state if cached == len(h.items) else self.runtime.extend(
-                entry.state, h.items[new], h.timestamps[new], h.actions[new])
-        self.cache.store(p.user_id, h.raw, h.num_truncated, len(h.items), state, appended=len(h.items) - cached)
-        return state, cached
+    def _states(self, parsed: list[UserRequest]) -> list[tuple[UserState, int]]:
+        """Each user's state and how many of its events came from the cache. A user named twice in a batch is
+        served in turn (the second request sees what the first stored), the others together."""
+        out: dict[int, tuple[UserState, int]] = {}
+        waves: list[dict[bytes | int, int]] = []  # per wave, user id (or request index) -> request
+        for i, p in enumerate(parsed):
+            key = i if p.user_id is None else p.user_id
+            wave = next((w for w in waves if key not in w), None)
+            if wave is None:
+                waves.append(wave := {})
+            wave[key] = i
+        for wave in waves:
+            rows = list(wave.values())
+            out.update(zip(rows, self._wave_states([parsed[i] for i in rows]), strict=True))
+        return [out[i] for i in range(len(parsed))]
+
+    def _wave_states(self, parsed: list[UserRequest]) -> list[tuple[UserState, int]]:
+        """`_states` for requests of distinct users: returning users' new events are computed together, in
+        groups of similar length."""
+        states: dict[int, tuple[UserState, int]] = {}
+        extend: list[tuple[int, UserState, int]] = []  # (request, cached state, its events)
+        for i, p in enumerate(parsed):
+            h = p.history
+            entry = None
+            if p.user_id is not None and self.cache is not None:
+                entry = self.cache.lookup(p.user_id, h.raw, h.num_truncated).entry
+            if entry is None:
+                states[i] = self.runtime.encode(*h.events()), 0
+            elif entry.num_events == len(h.items):
+                states[i] = entry.state, entry.num_events
+            else:
+                extend.append((i, entry.state, entry.num_events))
+        lengths, new = [n for _, _, n in extend], [len(parsed[i].history.items) - n for i, _, n in extend]
+        for group in _similar(list(range(len(extend))), lengths, new):
+            events = [parsed[extend[j][0]].history.events(extend[j][2]) for j in group]
+            for j, state in zip(group, self.runtime.extend_states([extend[j][1] for j in group], events), strict=True):
+                states[extend[j][0]] = state, extend[j][2]
+        done = [states[i] for i in range(len(parsed))]
+        for p, (state, cached) in zip(parsed, done, strict=True):
+            if p.user_id is not None and self.cache is not None:
+                h = p.history
+                self.cache.store(p.user_id, h.raw, h.num_truncated, len(h.items), state, appended=len(h.items) - cached)
+        return done
 
 
 def load_handler(kind: str, version_dir: Path, parameters: dict[str, str]) -> Handler:

@@ -91,6 +91,10 @@ class History:
     raw: RawHistory  # as sent
     seen: np.ndarray  # (N,) dense ids of the whole history, 0 where unknown
 
+    def events(self, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window's events from `start` on: items, timestamps, actions."""
+        return self.items[start:], self.timestamps[start:], self.actions[start:]
+
 
 DEFAULT_LIMITS = Limits()
 

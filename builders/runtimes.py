@@ -19,7 +19,7 @@ import torch
 from genrec.training import native
 from genrec.training.batch import SequenceBatch
 from genrec.training.checkpoint import load_checkpoint
-from genrec.training.hstu import HSTU, KVCache
+from genrec.training.hstu import HSTU, KVArena, KVCache
 
 
 @dataclass
@@ -43,6 +43,18 @@ class Runtime(Protocol):
 
 
 BATCH_KV_BYTES = 2 * 2**20  # see TorchRuntime.score_states
+Events = tuple[np.ndarray, np.ndarray, np.ndarray]  # one user's items (dense ids), timestamps, actions: (N,) each
+
+
+def pad(rows: list[np.ndarray], fill: int | float = 0, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad 1-D or N-D rows along ``axis`` and stack them -> (padded (B, ...), lengths (B,))."""
+    lengths = np.array([r.shape[axis] for r in rows], dtype=np.int64)
+    shape = list(rows[0].shape)
+    shape[axis] = int(lengths.max())
+    out = np.full((len(rows), *shape), fill, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[(i, *(slice(None),) * axis, slice(0, r.shape[axis]))] = r
+    return out, lengths
 
 
 @dataclass
@@ -62,8 +74,9 @@ class UserRuntime(Protocol):
         """One user's events (N,) dense ids -> its state."""
         ...
 
-    def extend(self, state: UserState, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
-        """The state after appending events (N,): only the new events are computed."""
+    def extend_states(self, states: list[UserState], events: list[Events]) -> list[UserState]:
+        """Each state after appending its events (items, timestamps, actions: (N,) each, N >= 1): only the new
+        events are computed, for several users (of similar lengths) at once."""
         ...
 
     def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
@@ -87,7 +100,7 @@ class Stateless:
         out = self.runtime.prefill(items[None], timestamps[None], actions[None], np.array([len(items)]))
         return UserState((out, timestamps[None]), out.user[0], out.keys.nbytes + out.values.nbytes)
 
-    def extend(self, state: UserState, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
+    def extend_states(self, states: list[UserState], events: list[Events]) -> list[UserState]:
         raise NotImplementedError("this runtime cannot append to a user's K/V; serve with runtime='torch'")
 
     def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
@@ -145,11 +158,33 @@ class TorchRuntime:
     def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
         return self._state(*self.model.prefill(self._batch(items, timestamps, actions)))
 
+    @staticmethod
+    def _batched(states: list[UserState]) -> bool:
+        """Whether to run these users in one padded pass (see `score_states`)."""
+        return len(states) > 1 and max(s.nbytes for s in states) <= BATCH_KV_BYTES
+
     @torch.inference_mode()
-    def extend(self, state: UserState, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
-        cache = state.cache
-        assert isinstance(cache, KVCache)
-        return self._state(*self.model.prefill(self._batch(items, timestamps, actions), cache))
+    def extend_states(self, states: list[UserState], events: list[Events]) -> list[UserState]:
+        """As `score_states`: small caches are gathered into one padded batch and extended in one pass, then
+        each user's new K/V is written back into its own arena (in place when it has room); measured on 2
+        cores at the reference size, 16 users of 200 events + 3: 1.05 -> 0.35 ms each."""
+        caches = [cast(KVCache, s.cache) for s in states]
+        if not self._batched(states):
+            return [self._state(*self.model.prefill(self._batch(*e), c)) for c, e in zip(caches, events, strict=True)]
+        items, lengths = pad([e[0] for e in events])
+        timestamps, actions = pad([e[1] for e in events])[0], pad([e[2] for e in events])[0]
+        old = [int(c.lengths[0]) for c in caches]
+        width = max(n + len(e[0]) for n, e in zip(old, events, strict=True))
+        gathered = KVArena.gather(caches, width).view(max(old), torch.cat([c.lengths for c in caches]))
+        batch = SequenceBatch(*(self._tensor(a) for a in (items, timestamps, actions, lengths)))
+        extended, users = self.model.prefill(batch, gathered)
+        out = []
+        for b, (cache, start) in enumerate(zip(caches, old, strict=True)):
+            end = start + int(lengths[b])
+            own = KVArena.for_append(cache, end)
+            own.write(0, extended, b, start, end)
+            out.append(self._state(own.view(end, extended.lengths[b : b + 1]), users[b : b + 1]))
+        return out
 
     @torch.inference_mode()
     def score_state(self, state: UserState, candidates: np.ndarray) -> np.ndarray:
@@ -165,23 +200,14 @@ class TorchRuntime:
         overhead. A user whose K/V is over `BATCH_KV_BYTES` is scored alone: there the pass is compute, and
         batching only adds the copy (measured on 2 cores at the reference size: 16 users of 200 events
         7.7 -> 5.8 ms each, of 1,000 events 11.2 -> 14.3 ms; the crossover near 500 events, 2 MB)."""
-        if len(states) == 1 or max(s.nbytes for s in states) > BATCH_KV_BYTES:
+        if not self._batched(states):
             return [self.score_state(s, c) for s, c in zip(states, candidates, strict=True)]
         caches = [cast(KVCache, s.cache) for s in states]
         lengths = torch.cat([c.lengths for c in caches])
-        width, first = int(lengths.max()), caches[0]
-        _, layers, _, heads, d_qk = first.keys.shape
-        keys = first.keys.new_zeros((len(caches), layers, width, heads, d_qk))
-        values = first.values.new_zeros((len(caches), layers, width, heads, first.values.shape[-1]))
-        timestamps = first.timestamps.new_zeros((len(caches), width))
-        for b, cache in enumerate(caches):
-            n = int(cache.lengths[0])
-            keys[b, :, :n], values[b, :, :n], timestamps[b, :n] = cache.keys[0, :, :n], cache.values[0, :, :n], cache.timestamps[0, :n]
-        counts = [len(c) for c in candidates]
-        padded = np.ones((len(candidates), max(counts)), np.int64)  # item 1 stands in for padding, then dropped
-        for b, c in enumerate(candidates):
-            padded[b, : len(c)] = c
+        width = int(lengths.max())
+        kv = KVArena.gather(caches, width).view(width, lengths)
+        padded, counts = pad(candidates, fill=1)  # item 1 stands in for padding, then dropped
         user = self._tensor(np.stack([s.user for s in states]))
-        scores = self.model.score_candidates(KVCache(keys, values, timestamps, lengths), user, self._tensor(padded))
+        scores = self.model.score_candidates(kv, user, self._tensor(padded))
         out = scores[..., 0].float().cpu().numpy()
         return [out[b, :count] for b, count in enumerate(counts)]

@@ -19,6 +19,7 @@ exactly independent of batch padding and of how a history was split between pref
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -90,8 +91,10 @@ class KVArena:
     In-place writes happen only without autograd and in the inference mode the storage was made in.
     """
 
-    def __init__(self, like: KVCache, width: int, capacity: int) -> None:
+    def __init__(self, like: KVCache, width: int, capacity: int, rows: int | None = None) -> None:
+        """Storage shaped as `like` for `rows` rows (default: like's), holding like's first `width` events."""
         b, layers, _, heads, d_qk = like.keys.shape
+        b = b if rows is None else rows
         self.capacity = capacity
         self.inference = torch.is_inference_mode_enabled()
         self.keys = like.keys.new_zeros((b, layers, capacity + 1, heads, d_qk))
@@ -102,6 +105,22 @@ class KVArena:
         self.values[:, :, :old] = like.values[:, :, :old]
         self.timestamps[:, :old] = like.timestamps[:, :old]
         self.filled = like.lengths
+
+    @classmethod
+    def gather(cls, caches: Sequence[KVCache], capacity: int) -> KVArena:
+        """Several one-user caches as the rows of one arena (each copied up to its length, zeros after), so
+        that many users are appended to or scored in one pass."""
+        arena = cls(caches[0], 0, capacity, rows=len(caches))
+        for b, cache in enumerate(caches):
+            arena.write(b, cache, 0, 0, int(cache.lengths[0]))
+        arena.filled = torch.cat([c.lengths for c in caches])
+        return arena
+
+    def write(self, row: int, source: KVCache, source_row: int, start: int, end: int) -> None:
+        """Events [start, end) of `source`'s `source_row` into this arena's `row`, in place."""
+        self.keys[row, :, start:end] = source.keys[source_row, :, start:end]
+        self.values[row, :, start:end] = source.values[source_row, :, start:end]
+        self.timestamps[row, start:end] = source.timestamps[source_row, start:end]
 
     @classmethod
     def for_append(cls, cache: KVCache, width: int) -> KVArena:

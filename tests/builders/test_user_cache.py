@@ -166,6 +166,26 @@ def test_cached_answers_equal_uncached_and_offline(served) -> None:
     assert ops["append"] > 0 and ops.get("edit", 0) == 0  # an edit is never served from the cache
 
 
+def test_returning_users_extended_together_answer_as_one_by_one(served) -> None:
+    """The stream's requests in batches of 4 (some naming one user twice): returning users of a batch are
+    extended in one pass, and every answer equals the uncached one."""
+    recommender, catalogue, _ = served
+    cached, fresh = recommender(UserCache(budget_bytes=64 * 2**20)), recommender(None)
+    together: list[int] = []
+    extend_states = cached.runtime.extend_states
+    cached.runtime.extend_states = lambda states, events: together.append(len(states)) or extend_states(states, events)
+    steps = list(_stream(catalogue, steps=120, seed=1))
+    for start in range(0, len(steps), 4):
+        batch = steps[start : start + 4]
+        with_cache = cached.execute([request(*columns, user=user) for user, columns, _ in batch])
+        without = fresh.execute([request(*columns) for _, columns, _ in batch])
+        for got, want in zip(with_cache, without, strict=True):
+            assert not isinstance(got, Exception) and not isinstance(want, Exception)
+            assert got[protocol.ITEM_IDS].tolist() == want[protocol.ITEM_IDS].tolist()
+            np.testing.assert_allclose(got[protocol.SCORES], want[protocol.SCORES], rtol=1e-5, atol=1e-5)
+    assert max(together) >= 2 and cached.cache.stats.hits > 30
+
+
 def test_a_mixed_batch_with_one_user_twice_and_a_bad_request(served) -> None:
     recommender, catalogue, _ = served
     cached, fresh = recommender(UserCache(budget_bytes=64 * 2**20)), recommender(None)

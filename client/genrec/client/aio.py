@@ -65,7 +65,8 @@ class AsyncRecommendClient(
 
     async def _send(self, call: wire.Call[R]) -> R:
         for replica, wait in (attempts := self._attempts(call)):
-            await asyncio.sleep(wait)
+            if wait:
+                await asyncio.sleep(wait)
             with attempts.failure(replica):
                 result = await self._replicas[replica].infer(call.model, call.inputs, **self._options(call))
                 return call.parse(result)
