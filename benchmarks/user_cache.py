@@ -52,7 +52,7 @@ from genrec.benchmarks.reliability import rss_mb_by_process
 from genrec.benchmarks.servers import running_servers, save_untrained
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.handlers import load_handler
-from genrec.builders.model_config import read_config
+from genrec.builders.model_config import InstanceGroup, ModelSpec, TensorSpec, read_config, write_config
 from genrec.client import RecommendClient, protocol
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.flops import cached_score_flops, prefill_flops
@@ -185,7 +185,51 @@ def _build(checkpoint: Path, name: str, budget_mb: float, cfg: UserCacheBenchCon
     shutil.rmtree(repository, ignore_errors=True)
     build_repository(BuildConfig(checkpoint=checkpoint, repository=repository, retrieve_k=cfg.retrieve_k,
                                  user_cache_mb=budget_mb, threads=cfg.threads))
+    add_floor_model(repository)
     return repository
+
+
+FLOOR_MODEL = "floor"
+FLOOR_MODEL_PY = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            items = pb_utils.get_input_tensor_by_name(request, "history_item_ids").as_numpy()
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("item_ids", items[:, :10])]))
+        return out
+"""
+
+
+def add_floor_model(repository: Path) -> None:
+    """A Python-backend model that does nothing (it returns its first 10 ids): its round trip is the floor of
+    any served model's latency here (gRPC, Triton, the Python backend's two hops)."""
+    history = tuple(TensorSpec(t.name, t.dtype, t.dims) for t in protocol.HISTORY_INPUTS)
+    spec = ModelSpec(FLOOR_MODEL, history, (TensorSpec(protocol.ITEM_IDS, "INT64", (-1,)),), max_batch_size=64,
+                     instance_groups=(InstanceGroup(1),))
+    write_config(spec, repository / FLOOR_MODEL)
+    (repository / FLOOR_MODEL / "1").mkdir(exist_ok=True)
+    (repository / FLOOR_MODEL / "1" / "model.py").write_text(FLOOR_MODEL_PY)
+
+
+def floor_ms(url: str, request: dict, calls: int) -> float:
+    """Median round trip of the floor model, raw tritonclient, the same history tensors as a request."""
+    import tritonclient.grpc as grpcclient
+
+    arrays = {protocol.HISTORY_ITEM_IDS: request["user_seq"], protocol.HISTORY_TIMESTAMPS: request["timestamps"],
+              protocol.HISTORY_ACTIONS: request["actions"]}
+    times = []
+    with grpcclient.InferenceServerClient(url) as raw:
+        for i in range(calls + 5):
+            inputs = [grpcclient.InferInput(name, [1, len(a)], "INT64").set_data_from_numpy(a[None].astype(np.int64))
+                      for name, a in arrays.items()]
+            began = time.perf_counter()
+            raw.infer(FLOOR_MODEL, inputs)
+            if i >= 5:
+                times.append(time.perf_counter() - began)
+    return float(np.median(times) * 1e3)
 
 
 def server_time_ms(url: str, models: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
@@ -245,6 +289,7 @@ def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCa
             local.append(time.perf_counter() - began)
         assert not isinstance(result, Exception), result
     return {
+        "floor_ms": floor_ms(url, stream.request(0, visits - 1), len(triton)),
         "triton_ms": float(np.median(triton) * 1e3),
         "in_process_ms": float(np.median(local) * 1e3),
         # where a request's time goes (means), from Triton's statistics
@@ -299,8 +344,9 @@ def run(cfg: UserCacheBenchConfig, command: str) -> None:
             stream = Stream(item_ids, cfg.overhead_length, 4, cfg.overhead_requests // 4 + 2, cfg.max_append, 7)
             t = in_process_vs_triton(server.url, repos[name], stream, cfg)
             overhead_rows.append([name, cfg.overhead_length, t["triton_ms"], t["in_process_ms"],
-                                  t["triton_ms"] / t["in_process_ms"], t["client_mean_ms"], t["server_ms"],
-                                  t["queue_ms"], t["io_ms"], t["stub_ms"]])
+                                  t["triton_ms"] / t["in_process_ms"], t["floor_ms"],
+                                  (t["in_process_ms"] + t["floor_ms"]) / t["in_process_ms"], t["client_mean_ms"],
+                                  t["server_ms"], t["queue_ms"], t["io_ms"], t["stub_ms"]])
             results["overhead"].append(dict(model=name, **t))
     results["eviction"] = eviction_run(reference, item_ids, cfg)
     write_report(cfg, command, start, c, num_items, peak, rows, overhead_rows, results)
@@ -392,7 +438,7 @@ def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HS
                "GFLOP/s", "on / off throughput"]
     print_table("recommend through Triton", headers, rows)
     overhead_headers = ["model", "L", "Triton p50 ms", "in process p50 ms", "Triton / in process",
-                        "client mean ms", "in server ms", "queue ms", "tensors in/out ms", "Python model ms"]
+                        "floor ms", "floor / in process", "client mean ms", "in server ms", "queue ms", "tensors in/out ms", "Python model ms"]
     print_table("Triton vs in process (cache on, concurrency 1)", overhead_headers, overhead_rows)
     ev = results["eviction"]
     eviction_rows = [[ev["users"], ev["budget_mb"], ev["peak_mb"], ev["hit_rate"], ev["evictions"],
@@ -421,7 +467,10 @@ def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HS
         "in server = the `recommend` ensemble's request time; queue, tensors in/out and Python model = the "
         "`recommender` step's phases, the last being its `execute` (the handler plus the Python backend's "
         "request/response handling and genrec's metrics); client mean - in server = client validation, "
-        "serialisation and gRPC.",
+        "serialisation and gRPC. floor = the round trip of a Python-backend model that does nothing "
+        "(`add_floor_model`: the same history tensors in, 10 ids out, raw tritonclient) on the same server; "
+        "floor / in process = (in process + floor) / in process, the best ratio any Python-backend model "
+        "could reach for this work.",
         "Eviction: users drawn uniformly at random from 10x as many as the budget holds, concurrency 16; the "
         "bytes in use are read from the metrics port after every request.",
         *start.notes,
