@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shutil
 import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,12 +163,6 @@ def request_flops(c: HSTUConfig, length: int, new: int, retrieve_k: int, num_ite
     item table, re-ranking retrieve_k candidates against the history."""
     prefill = prefill_flops(c, new, length) if cached else prefill_flops(c, length + new)
     return prefill + 2 * c.d_model * num_items + cached_score_flops(c, length + new, retrieve_k)
-
-
-def _metric(metrics_port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        found = re.search(rf'^{name}{{model="recommender"}} (\S+)$', response.read().decode(), re.MULTILINE)
-    return float(found.group(1)) if found else float("nan")
 
 
 def _checkpoint(preset: str, cfg: UserCacheBenchConfig) -> Path:
@@ -367,7 +359,6 @@ def eviction_run(checkpoint: Path, item_ids: np.ndarray, cfg: UserCacheBenchConf
     hits, peak_bytes, lock, queue = 0, 0.0, threading.Lock(), list(order)
     print(f"eviction: {cfg.eviction_users} users, a budget of {budget_mb:.1f} MB ...", flush=True)
     with running_servers([repository], cfg.threads, cfg.work_dir / "logs") as (server,):
-        port = server.config.metrics_port
         busy: set[int] = set()
 
         def caller() -> None:
@@ -389,7 +380,7 @@ def eviction_run(checkpoint: Path, item_ids: np.ndarray, cfg: UserCacheBenchConf
                         time.sleep(0.001)
                         continue
                     got = client.recommend(k=cfg.k, user_id=f"evict-{user}", **stream.request(user, visit))
-                    used = _metric(port, "genrec_user_cache_bytes")
+                    used = server.metric('genrec_user_cache_bytes{model="recommender"}')
                     with lock:
                         busy.discard(user)
                         hits += got.cached_events > 0
@@ -401,8 +392,9 @@ def eviction_run(checkpoint: Path, item_ids: np.ndarray, cfg: UserCacheBenchConf
         for t in threads:
             t.join()
         rss = rss_mb_by_process(server.pid).get("recommender", float("nan"))
-        budget = _metric(port, "genrec_user_cache_budget_bytes")
-        evictions = _metric(port, "genrec_user_cache_evictions_total")
+        time.sleep(0.5)  # genrec's series are written just after the responses
+        budget = server.metric('genrec_user_cache_budget_bytes{model="recommender"}')
+        evictions = server.metric('genrec_user_cache_evictions_total{model="recommender"}')
     return dict(users=cfg.eviction_users, budget_mb=budget / 2**20, peak_mb=peak_bytes / 2**20,
                 hit_rate=hits / cfg.eviction_requests, evictions=evictions, recommender_rss_mb=rss,
                 requests=cfg.eviction_requests)

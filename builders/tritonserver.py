@@ -24,6 +24,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,14 @@ def reap_group(pgid: int, timeout_s: float = 10.0) -> list[str]:
     return removed
 
 
+def metric_value(text: str, series: str) -> float:
+    """The value of ``series`` (name and labels) in a Prometheus text page; nan if absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
 class TritonServer:
     """One tritonserver process; as a context manager it is started, ready, and stopped on exit."""
 
@@ -324,6 +333,20 @@ class TritonServer:
                 start_new_session=True,
                 preexec_fn=_die_with_parent_hook(),
             )
+
+    def metric(self, series: str, until: Callable[[float], bool] | None = None, timeout_s: float = 10.0) -> float:
+        """One series' value on the metrics port (``series``: the name and labels as printed, e.g.
+        ``genrec_user_cache_users{model="recommender"}``), nan if it is not there. genrec's own series are
+        written just after each batch's responses (`triton_model.Writer`): ``until`` waits, up to
+        ``timeout_s``, for the value a caller expects, and the value read last is returned either way."""
+        url = f"http://{self.config.client_host}:{self.config.metrics_port}/metrics"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                value = metric_value(response.read().decode(), series)
+            if until is None or until(value) or time.monotonic() > deadline:
+                return value
+            time.sleep(0.01)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
