@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from server_constants import RETRIEVE_K, WINDOW_BLOCK
-from triton_stats import inferences, model_stats, settled
+from triton_stats import inferences, model_stats, settled, steady
 
 from genrec.builders.tritonserver import TritonServer
 from genrec.client import GenrecError, Ranking, Recommendations, RecommendClient, protocol, wire
@@ -100,7 +100,7 @@ def test_recommend_returns_ordered_items(
     client: RecommendClient, server: TritonServer, catalog: Catalog
 ) -> None:
     history = catalog.history(6, start=3)
-    before = {model: _successes(server, model) for model in protocol.ENDPOINTS}
+    before = steady(lambda: {model: _successes(server, model) for model in protocol.ENDPOINTS})
     recs = client.recommend(history, k=8, timestamps=[10, 20, 30, 40, 50, 60], actions=[0, 5, 1, 2, 3, 4])
     expected = {protocol.RECOMMEND: 1, protocol.RANK: 0, protocol.RETRIEVE: 0}
     counted = settled(
@@ -176,7 +176,7 @@ def test_server_errors_are_not_retried(server: TritonServer, catalog: Catalog) -
     attempts = {}
     for retries in (0, 3):
         with RecommendClient(server.url, timeout_s=60, retries=retries) as client:
-            before = _inferences(server, "user_encoder")  # retrieve's first step
+            before = steady(lambda: _inferences(server, "user_encoder"))  # retrieve's first step
             with pytest.raises(GenrecError) as info:
                 client.retrieve(history, k=RETRIEVE_K + 1)
             after = settled(lambda: _inferences(server, "user_encoder"), lambda n: n > before)  # noqa: B023 (called here)

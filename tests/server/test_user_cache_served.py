@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from server_constants import RETRIEVE_K, WINDOW_BLOCK
-from triton_stats import inferences, settled
+from triton_stats import inferences, settled, steady
 
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.requests import Catalogue
@@ -167,7 +167,7 @@ def test_two_replicas_keep_each_user_on_one_and_fail_over_without_stale_state(
     with RecommendClient(urls, timeout_s=60, retries=1) as client:
         for seed, user in enumerate(users):
             items, timestamps, actions = _history(item_ids, 10, seed=seed)
-            before = [inferences(s.url, "recommender") for s in replicas]
+            before = steady(lambda: [inferences(s.url, "recommender") for s in replicas])
             for n in (8, 9, 10):  # the same user three times, one more event each time
                 recs = client.recommend(items[:n], k=3, timestamps=timestamps[:n], actions=actions[:n], user_id=user)
                 assert recs.cached_events == (0 if n == 8 else n - 1)  # each time on the replica holding it

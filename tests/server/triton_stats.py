@@ -1,7 +1,8 @@
 """Triton's per-model statistics, read the way tests must read them.
 
 Triton counts a request just after it has sent the response (for an ensemble's steps as for the ensemble), so a
-count read the moment a call returns can still miss that call: `settled` polls.
+count read the moment a call returns can still miss that call: `settled` polls for a count after calls, `steady`
+for the count before them (an earlier call still being counted would otherwise land in the difference).
 """
 
 from __future__ import annotations
@@ -33,3 +34,16 @@ def settled(read: Callable[[], T], done: Callable[[T], bool], settle_s: float = 
         time.sleep(0.05)
     time.sleep(settle_s)
     return read()
+
+
+def steady(read: Callable[[], T], settle_s: float = 0.3) -> T:
+    """`read()` once two reads `settle_s` apart agree (5 s at most): the baseline of a count that calls made just
+    before may still be moving."""
+    deadline = time.monotonic() + 5
+    last = read()
+    while True:
+        time.sleep(settle_s)
+        now = read()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
