@@ -50,7 +50,7 @@ from genrec.benchmarks.reliability import rss_mb_by_process
 from genrec.benchmarks.servers import running_servers, save_untrained
 from genrec.builders.build import BuildConfig, build_repository
 from genrec.builders.handlers import load_handler
-from genrec.builders.model_config import InstanceGroup, ModelSpec, TensorSpec, read_config, write_config
+from genrec.builders.model_config import read_config
 from genrec.client import RecommendClient, protocol
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.flops import cached_score_flops, prefill_flops
@@ -177,51 +177,58 @@ def _build(checkpoint: Path, name: str, budget_mb: float, cfg: UserCacheBenchCon
     shutil.rmtree(repository, ignore_errors=True)
     build_repository(BuildConfig(checkpoint=checkpoint, repository=repository, retrieve_k=cfg.retrieve_k,
                                  user_cache_mb=budget_mb, threads=cfg.threads))
-    add_floor_model(repository)
     return repository
 
 
-FLOOR_MODEL = "floor"
-FLOOR_MODEL_PY = """import triton_python_backend_utils as pb_utils
+FLOOR_MODEL_PY = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from genrec.client import protocol
 
 
 class TritonPythonModel:
     def execute(self, requests):
         out = []
         for request in requests:
-            items = pb_utils.get_input_tensor_by_name(request, "history_item_ids").as_numpy()
-            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("item_ids", items[:, :10])]))
+            items = pb_utils.get_input_tensor_by_name(request, protocol.HISTORY_ITEM_IDS).as_numpy()
+            k = pb_utils.get_input_tensor_by_name(request, protocol.K)
+            n = min(int(k.as_numpy()[0, 0]) if k is not None else 10, items.shape[1])
+            zero = np.zeros((1, 1), np.int32)
+            tensors = {protocol.ITEM_IDS: items[:, :n], protocol.SCORES: np.zeros((1, n), np.float32),
+                       protocol.NUM_UNKNOWN: zero, protocol.NUM_TRUNCATED: zero, protocol.CACHED_EVENTS: zero}
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor(name, a) for name, a in tensors.items()]))
         return out
 """
 
 
-def add_floor_model(repository: Path) -> None:
-    """A Python-backend model that does nothing (it returns its first 10 ids): its round trip is the floor of
-    any served model's latency here (gRPC, Triton, the Python backend's two hops)."""
-    history = tuple(TensorSpec(t.name, t.dtype, t.dims) for t in protocol.HISTORY_INPUTS)
-    spec = ModelSpec(FLOOR_MODEL, history, (TensorSpec(protocol.ITEM_IDS, "INT64", (-1,)),), max_batch_size=64,
-                     instance_groups=(InstanceGroup(1),))
-    write_config(spec, repository / FLOOR_MODEL)
-    (repository / FLOOR_MODEL / "1").mkdir(exist_ok=True)
-    (repository / FLOOR_MODEL / "1" / "model.py").write_text(FLOOR_MODEL_PY)
+def floor_repository(repository: Path) -> Path:
+    """A copy of ``repository`` whose ``recommender`` does nothing (its first k history ids, zero scores and
+    counts): the same client, gRPC, ``recommend`` ensemble, tensors and Python backend, none of the work. Its
+    latency is the floor of any Python-backend ``recommend`` here."""
+    floor = repository.with_name(f"{repository.name}-floor")
+    shutil.rmtree(floor, ignore_errors=True)
+    shutil.copytree(repository, floor)
+    (floor / "recommender" / "1" / "model.py").write_text(FLOOR_MODEL_PY)
+    return floor
 
 
-def floor_ms(url: str, request: dict, calls: int) -> float:
-    """Median round trip of the floor model, raw tritonclient, the same history tensors as a request."""
-    import tritonclient.grpc as grpcclient
-
-    arrays = {protocol.HISTORY_ITEM_IDS: request["user_seq"], protocol.HISTORY_TIMESTAMPS: request["timestamps"],
-              protocol.HISTORY_ACTIONS: request["actions"]}
+def send_visits(client: RecommendClient, stream: Stream, k: int, visits: range) -> list[float]:
+    """Seconds of each request of ``visits`` (visit by visit, the users in turn, one request at a time), each
+    user under its own id."""
     times = []
-    with grpcclient.InferenceServerClient(url) as raw:
-        for i in range(calls + 5):
-            inputs = [grpcclient.InferInput(name, [1, len(a)], "INT64").set_data_from_numpy(a[None].astype(np.int64))
-                      for name, a in arrays.items()]
+    for visit in visits:
+        for user in range(stream.items.shape[0]):
             began = time.perf_counter()
-            raw.infer(FLOOR_MODEL, inputs)
-            if i >= 5:
-                times.append(time.perf_counter() - began)
-    return float(np.median(times) * 1e3)
+            client.recommend(k=k, user_id=f"overhead-{user}", **stream.request(user, visit))
+            times.append(time.perf_counter() - began)
+    return times
+
+
+def floor_ms(url: str, stream: Stream, k: int) -> float:
+    """Median ms of the returning visits of ``stream`` on a `floor_repository`'s server."""
+    with RecommendClient(url, timeout_s=300) as client:
+        send_visits(client, stream, k, range(1))
+        return float(np.median(send_visits(client, stream, k, range(1, stream.ends.shape[1]))) * 1e3)
 
 
 def server_time_ms(url: str, models: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
@@ -252,19 +259,15 @@ def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCa
     handler = load_handler("recommender", repository / "recommender" / "1",
                            {key: value.string_value for key, value in config.parameters.items()})
     users, visits = stream.items.shape[0], stream.ends.shape[1]
-    calls = [(user, visit) for visit in range(visits) for user in range(users)]
-    triton, local = [], []
     models = (protocol.RECOMMEND, "recommender")
     with RecommendClient(url, timeout_s=300) as client:
-        for user, visit in calls[:users]:  # first visits: whole histories, not counted
-            client.recommend(k=cfg.k, user_id=f"overhead-{user}", **stream.request(user, visit))
+        send_visits(client, stream, cfg.k, range(1))  # first visits: whole histories, not counted
         before = server_time_ms(url, models)
-        for user, visit in calls[users:]:
-            began = time.perf_counter()
-            client.recommend(k=cfg.k, user_id=f"overhead-{user}", **stream.request(user, visit))
-            triton.append(time.perf_counter() - began)
+        triton = send_visits(client, stream, cfg.k, range(1, visits))
         time.sleep(0.5)  # Triton counts an ensemble's request just after answering it
         after = server_time_ms(url, models)
+    local = []
+    calls = [(user, visit) for visit in range(visits) for user in range(users)]
     for user, visit in calls:
         kwargs = stream.request(user, visit)
         arrays = {
@@ -281,7 +284,6 @@ def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCa
             local.append(time.perf_counter() - began)
         assert not isinstance(result, Exception), result
     return {
-        "floor_ms": floor_ms(url, stream.request(0, visits - 1), len(triton)),
         "triton_ms": float(np.median(triton) * 1e3),
         "in_process_ms": float(np.median(local) * 1e3),
         # where a request's time goes (means), from Triton's statistics
@@ -335,6 +337,8 @@ def run(cfg: UserCacheBenchConfig, command: str) -> None:
             print(f"Triton vs in process, {name} ...", flush=True)
             stream = Stream(item_ids, cfg.overhead_length, 4, cfg.overhead_requests // 4 + 2, cfg.max_append, 7)
             t = in_process_vs_triton(server.url, repos[name], stream, cfg)
+            with running_servers([floor_repository(repos[name])], cfg.threads, cfg.work_dir / "logs") as (floor,):
+                t["floor_ms"] = floor_ms(floor.url, stream, cfg.k)
             overhead_rows.append([name, cfg.overhead_length, t["triton_ms"], t["in_process_ms"],
                                   t["triton_ms"] / t["in_process_ms"], t["floor_ms"],
                                   (t["in_process_ms"] + t["floor_ms"]) / t["in_process_ms"], t["client_mean_ms"],
@@ -459,9 +463,10 @@ def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HS
         "in server = the `recommend` ensemble's request time; queue, tensors in/out and Python model = the "
         "`recommender` step's phases, the last being its `execute` (the handler plus the Python backend's "
         "request/response handling and genrec's metrics); client mean - in server = client validation, "
-        "serialisation and gRPC. floor = the round trip of a Python-backend model that does nothing "
-        "(`add_floor_model`: the same history tensors in, 10 ids out, raw tritonclient) on the same server; "
-        "floor / in process = (in process + floor) / in process, the best ratio any Python-backend model "
+        "serialisation and gRPC. floor = the same requests, client and server settings on a copy of the "
+        "repository whose `recommender` does nothing (`floor_repository`: the same tensors in and out through "
+        "the same ensemble, no work), on its own server started after the Triton run; floor / in process = "
+        "(in process + floor) / in process, the best ratio any Python-backend model "
         "could reach for this work.",
         "Eviction: users drawn uniformly at random from 10x as many as the budget holds, concurrency 16; the "
         "bytes in use are read from the metrics port after every request.",
