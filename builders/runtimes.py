@@ -70,8 +70,8 @@ class UserState:
 class UserRuntime(Protocol):
     can_extend: bool
 
-    def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
-        """One user's events (N,) dense ids -> its state."""
+    def encode_states(self, events: list[Events]) -> list[UserState]:
+        """Each user's events (items as dense ids) -> its state, several users (of similar lengths) at once."""
         ...
 
     def extend_states(self, states: list[UserState], events: list[Events]) -> list[UserState]:
@@ -96,9 +96,12 @@ class Stateless:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
-        out = self.runtime.prefill(items[None], timestamps[None], actions[None], np.array([len(items)]))
-        return UserState((out, timestamps[None]), out.user[0], out.keys.nbytes + out.values.nbytes)
+    def encode_states(self, events: list[Events]) -> list[UserState]:
+        states = []
+        for items, timestamps, actions in events:
+            out = self.runtime.prefill(items[None], timestamps[None], actions[None], np.array([len(items)]))
+            states.append(UserState((out, timestamps[None]), out.user[0], out.keys.nbytes + out.values.nbytes))
+        return states
 
     def extend_states(self, states: list[UserState], events: list[Events]) -> list[UserState]:
         raise NotImplementedError("this runtime cannot append to a user's K/V; serve with runtime='torch'")
@@ -155,8 +158,21 @@ class TorchRuntime:
         return UserState(cache, user[0].float().cpu().numpy(), nbytes)
 
     @torch.inference_mode()
-    def encode(self, items: np.ndarray, timestamps: np.ndarray, actions: np.ndarray) -> UserState:
-        return self._state(*self.model.prefill(self._batch(items, timestamps, actions)))
+    def encode_states(self, events: list[Events]) -> list[UserState]:
+        """One padded prefill for all these users, then each user's K/V copied out to its own length (a row of
+        the batch would hold the whole batch's memory): the copy is small beside the pass per user it saves."""
+        if len(events) == 1:
+            return [self._state(*self.model.prefill(self._batch(*events[0])))]
+        items, lengths = pad([e[0] for e in events])
+        timestamps, actions = pad([e[1] for e in events])[0], pad([e[2] for e in events])[0]
+        batch = SequenceBatch(*(self._tensor(a) for a in (items, timestamps, actions, lengths)))
+        cache, users = self.model.prefill(batch)
+        out = []
+        for b, n in enumerate(lengths.tolist()):
+            own = KVCache(cache.keys[b : b + 1, :, :n].clone(), cache.values[b : b + 1, :, :n].clone(),
+                          cache.timestamps[b : b + 1, :n].clone(), cache.lengths[b : b + 1].clone())
+            out.append(self._state(own, users[b : b + 1]))
+        return out
 
     @staticmethod
     def _batched(states: list[UserState]) -> bool:

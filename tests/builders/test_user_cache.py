@@ -186,6 +186,36 @@ def test_returning_users_extended_together_answer_as_one_by_one(served) -> None:
     assert max(together) >= 2 and cached.cache.stats.hits > 30
 
 
+def test_users_computed_from_scratch_share_a_pass_and_answer_as_alone(served) -> None:
+    """Anonymous users and cache misses of one batch are prefilled together, in groups of similar length; each
+    answer equals its request served alone, and the cache keeps each user's own K/V (its next visit extends it)."""
+    recommender, catalogue, _ = served
+    model = recommender(UserCache(budget_bytes=64 * 2**20))
+    passes: list[int] = []
+    encode_states = model.runtime.encode_states
+    model.runtime.encode_states = lambda events: passes.append(len(events)) or encode_states(events)
+    rng = np.random.default_rng(3)
+    ids = catalogue.vocab.raw_ids
+    histories = [(ids[rng.integers(len(ids), size=n)], np.cumsum(rng.integers(0, 5000, size=n)) + 10**9,
+                  rng.integers(1, 6, size=n)) for n in (30, 33, 35, 4, 5, 40)]
+    batch = [request(*hist, user=None if u % 2 else f"new-{u}".encode()) for u, hist in enumerate(histories)]
+    together = model.execute(batch)
+    assert max(passes) >= 3 and sum(passes) == len(batch)
+    alone = recommender(None)
+    for got, r in zip(together, batch, strict=True):
+        (want,) = alone.execute([r])
+        assert not isinstance(got, Exception) and not isinstance(want, Exception)
+        assert got[protocol.ITEM_IDS].tolist() == want[protocol.ITEM_IDS].tolist()
+        np.testing.assert_allclose(got[protocol.SCORES], want[protocol.SCORES], rtol=1e-5, atol=1e-5)
+    items, timestamps, actions = histories[0]
+    more = (np.append(items, ids[0]), np.append(timestamps, timestamps[-1] + 1), np.append(actions, 2))
+    (again,) = model.execute([request(*more, user=b"new-0")])
+    (want,) = alone.execute([request(*more)])
+    assert not isinstance(again, Exception) and not isinstance(want, Exception)
+    assert again[protocol.CACHED_EVENTS][0, 0] == len(items)
+    np.testing.assert_allclose(again[protocol.SCORES], want[protocol.SCORES], rtol=1e-5, atol=1e-5)
+
+
 def test_a_mixed_batch_with_one_user_twice_and_a_bad_request(served) -> None:
     recommender, catalogue, _ = served
     cached, fresh = recommender(UserCache(budget_bytes=64 * 2**20)), recommender(None)

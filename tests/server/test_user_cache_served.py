@@ -47,7 +47,7 @@ def _entry_bytes(tiny_checkpoint: Path, item_ids: np.ndarray) -> int:
     """What one freshly computed user of EVENTS events holds: its K/V plus the raw history (24 B an event)."""
     runtime = TorchRuntime(tiny_checkpoint)
     zeros = np.zeros(EVENTS, np.int64)
-    return runtime.encode(np.arange(1, EVENTS + 1), zeros, zeros).nbytes + 24 * EVENTS
+    return runtime.encode_states([(np.arange(1, EVENTS + 1), zeros, zeros)])[0].nbytes + 24 * EVENTS
 
 
 @pytest.fixture(scope="module")
