@@ -1,6 +1,11 @@
-// hstu.attend_cached for one row of bias shared by every query, fused: the (T x L) scores never leave L1.
+// hstu.attend_cached fused: the (T x L) scores never leave L1.
 //
-// out[b, t, h, :] = scale * sum_l silu(q[b, t, h, :] . k[b, l, h, :] + bias[b, l]) * v[b, l, h, :]
+// out[b, t, h, :] = scale * sum_l silu(q[b, t, h, :] . k[b, l, h, :] + bias[b, t, l]) * v[b, l, h, :]
+//
+// The bias is one row shared by every query (candidate scoring: bias_t = 0) or one row per query stored
+// query-fastest (prefill: bias_t = 1, element (t, l) at t + l * bias_l), so that 16 queries' bias for one key
+// is one vector load. With causal, query t reads no key past t (they are masked in the bias anyway): a prefill
+// computes half the pairs.
 //
 // Compiled by genrec.training.native for the machine it runs on, with -DDQ=<d_qk> -DDV=<d_v>: constant sizes
 // keep q and the sums in registers. Vectors run over 16 queries (candidates) at a time, so the key and value
@@ -50,7 +55,7 @@ static inline vec silu(vec x) {
 extern "C" void attend_cached(const float *q, const float *k, const float *v, const float *bias, float *out,
                               int64_t B, int64_t T, int64_t H, int64_t L, int64_t q_b, int64_t q_t,
                               int64_t k_b, int64_t k_l, int64_t v_b, int64_t v_l, int64_t bias_b,
-                              float scale, int threads) {
+                              int64_t bias_t, int64_t bias_l, int64_t causal, float scale, int threads) {
     const int64_t tblocks = (T + QB - 1) / QB;
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t bh = 0; bh < B * H; bh++) {
@@ -63,11 +68,20 @@ extern "C" void attend_cached(const float *q, const float *k, const float *v, co
             for (int64_t t = 0; t < nt; t++)
                 for (int e = 0; e < DQ; e++) qt[e][t] = q[b * q_b + (t0 + t) * q_t + h * DQ + e];
             const float *kh = k + b * k_b + h * DQ, *vh = v + b * v_b + h * DV, *bb = bias + b * bias_b;
-            for (int64_t l0 = 0; l0 < L; l0 += LB) {
-                const int64_t nl = L - l0 < LB ? L - l0 : LB;
+            const int64_t end = causal && t0 + nt < L ? t0 + nt : L;
+            for (int64_t l0 = 0; l0 < end; l0 += LB) {
+                const int64_t nl = end - l0 < LB ? end - l0 : LB;
                 for (int64_t l = 0; l < nl; l++) {
-                    const float *kr = kh + (l0 + l) * k_l;
-                    vec y0 = bb[l0 + l] + vec{}, y1 = vec{};  // two partial sums: shorter dependency chains
+                    const float *kr = kh + (l0 + l) * k_l, *br = bb + (l0 + l) * bias_l;
+                    vec y0, y1 = vec{};  // two partial sums: shorter dependency chains
+                    if (!bias_t) {
+                        y0 = br[0] + vec{};
+                    } else if (nt == QB) {
+                        __builtin_memcpy(&y0, br + t0, sizeof(vec));
+                    } else {
+                        y0 = vec{};
+                        for (int64_t t = 0; t < nt; t++) y0[t] = br[t0 + t];
+                    }
                     #pragma GCC unroll 64
                     for (int e = 0; e + 1 < DQ; e += 2) { y0 += qt[e] * kr[e]; y1 += qt[e + 1] * kr[e + 1]; }
                     if (DQ % 2) y0 += qt[DQ - 1] * kr[DQ - 1];

@@ -146,29 +146,49 @@ class KVArena:
 
 def time_bucket(seconds: Tensor, num_buckets: int) -> Tensor:
     """Log-bucketed absolute time gap, as in HSTU's relative time bias: Meta's width 0.301 = log10(2) makes
-    a bucket ~1.35x the previous gap, so 128 buckets span 1 s to far beyond any log."""
-    gap = seconds.abs().clamp(min=1).to(torch.float32)
-    return (torch.log(gap) / 0.301).long().clamp(max=max(num_buckets - 1, 0))
+    a bucket ~1.35x the previous gap, so 128 buckets span 1 s to far beyond any log. (|gap| clamped at 1 s,
+    log, truncated; computed in float32 from the first pass: the same buckets as in int64, at a fraction of
+    the cost over a prefill's L^2 pairs.)"""
+    gap = seconds.to(torch.float32, copy=True).abs_().clamp_(min=1)  # in place: L^2 values, one buffer
+    return gap.log_().div_(0.301).clamp_(max=max(num_buckets - 1, 0)).long()
 
 
 class RelativeBias(nn.Module):
     """rab(i, j) = w_pos[position distance] + w_time[bucket(time distance)], shared by the heads.
 
-    The bucket indices are computed once per forward (``buckets``) and shared by every layer's table.
+    The pairs' rows of the (position x time bucket) table are computed once per forward (``buckets``) and
+    shared by every layer; each layer reads its table with one gather (a prefill's L^2 pairs, per layer).
     """
 
     def __init__(self, max_len: int, num_time_buckets: int) -> None:
         super().__init__()
         self.position = nn.Parameter(torch.zeros(max_len + 1))
         self.time = nn.Parameter(torch.zeros(num_time_buckets)) if num_time_buckets else None
+        self._table: tuple[tuple[int, ...], Tensor] | None = None  # without autograd: (weights' versions, table)
 
     @staticmethod
-    def buckets(distance: Tensor, gap_seconds: Tensor, config: HSTUConfig) -> tuple[Tensor, Tensor]:
-        return distance.clamp(0, config.max_len), time_bucket(gap_seconds, config.num_time_buckets)
+    def buckets(distance: Tensor, gap_seconds: Tensor, config: HSTUConfig) -> Tensor:
+        position = distance.clamp(0, config.max_len)
+        if not config.num_time_buckets:
+            return position
+        return position.mul_(config.num_time_buckets).add_(time_bucket(gap_seconds, config.num_time_buckets))
 
-    def forward(self, buckets: tuple[Tensor, Tensor]) -> Tensor:
-        bias = self.position[buckets[0]]
-        return bias if self.time is None else bias + self.time[buckets[1]]
+    def forward(self, buckets: Tensor) -> Tensor:
+        if self.time is None:
+            return self.position[buckets]
+        return self.table()[buckets]
+
+    def table(self) -> Tensor:
+        """The flattened (position x time bucket) sums. Without autograd it is kept until the weights change
+        (their version counters move with every in-place update): building it per call would cost a short
+        request more than its pairs."""
+        assert self.time is not None
+        if torch.is_grad_enabled() or self.position.is_inference():  # inference tensors keep no version
+            return (self.position[:, None] + self.time[None, :]).flatten()
+        version = (self.position._version, self.time._version, self.position.data_ptr(), self.time.data_ptr())
+        if self._table is None or self._table[0] != version:
+            self._table = version, (self.position[:, None] + self.time[None, :]).flatten()
+        return self._table[1]
 
 
 class HSTULayer(nn.Module):
@@ -203,18 +223,18 @@ class HSTULayer(nn.Module):
 MASKED = -1e9  # a masked key's bias: SiLU of it is exactly 0, so the mask needs no pass of its own
 
 
-def attend_cached(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """`HSTULayer.attend` for queries against a cache, in three kernels: q (B, T, H, dqk), keys/values
-    (B, L, H, d), bias (B, T or 1, L) holding `MASKED` where a key is masked -> (B, T, H, dv).
+def attend_cached(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float, causal: bool = False) -> Tensor:
+    """`HSTULayer.attend` for serving (no autograd): q (B, T, H, dqk), keys/values (B, L, H, d), bias (B, T or
+    1, L) holding `MASKED` where a key is masked -> (B, T, H, dv). ``causal``: query t is key t (a prefill from
+    scratch), so it reads no key past t; those are masked in the bias too, this only skips them.
 
-    The (T x L) scores per head are one ``baddbmm`` (matmul plus bias) and one in-place SiLU; the 1/max_len
-    ``scale`` is applied to the (T, dv) result. Serving paths only (prefill on a cache, candidate scoring):
-    training keeps the plain masked form. Where one bias row serves every query (candidate scoring), the
-    fused CPU kernel of `native` runs instead when it can: the same sums, the scores never written out.
+    The fused CPU kernel of `native` runs where it can: the same sums, the scores never written out.
+    Elsewhere (export, autograd, no compiler), three kernels: the (T x L) scores per head are one ``baddbmm``
+    (matmul plus bias) and one in-place SiLU, and the 1/max_len ``scale`` is applied to the (T, dv) result.
     """
     fused = native.attend_kernel(q, keys, values, bias)
     if fused is not None:
-        return fused(q, keys, values, bias, scale)
+        return fused(q, keys, values, bias, scale, causal)
     heads = q.shape[2]
     bias = bias[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (B*H, T or 1, L); flatten: shapes stay traced
     scores = torch.baddbmm(bias, q.transpose(1, 2).flatten(0, 1), keys.permute(0, 2, 3, 1).flatten(0, 1))
@@ -309,18 +329,36 @@ class HSTU(nn.Module):
         return self._append(batch, cache)
 
     def _forward(self, batch: SequenceBatch) -> tuple[Tensor, KVCache]:
-        """The plain forward over whole histories: keys are the events themselves (shape-only, so it exports)."""
+        """The forward over whole histories: keys are the events themselves (shape-only, so it exports).
+
+        Training runs the plain masked form over (B, T, L) pairs. Without autograd (serving, evaluation, export)
+        the same pairs are laid out key-major, (B, L, T): each key's bias for 16 queries is one vector of the
+        fused kernel, which also skips the keys after each query (causal)."""
         b, n = batch.items.shape
         positions = torch.arange(n, device=batch.items.device)
-        distance = (positions[:, None] - positions[None, :]).expand(b, n, n)
-        mask = ((distance >= 0) & (positions[None, None, :] < batch.lengths[:, None, None])).float()
-        gaps = batch.timestamps[:, :, None] - batch.timestamps[:, None, :]
+        training = torch.is_grad_enabled()
+        ts = batch.timestamps
+        if training:
+            query, key, gaps = positions[None, :, None], positions[None, None, :], ts[:, :, None] - ts[:, None, :]
+        else:
+            query, key, gaps = positions[None, None, :], positions[None, :, None], ts[:, None, :] - ts[:, :, None]
+        distance = (query - key).expand(b, n, n)
+        visible = (distance >= 0) & (key < batch.lengths[:, None, None])
         buckets = RelativeBias.buckets(distance, gaps, self.config)
+        if training:
+            mask = visible.float()
+        else:
+            padding = torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, MASKED)
         x = self.embed(batch.items, batch.actions)
         keys, values = [], []
         for layer in self.blocks:
             u, v, q, k = layer.project(x)
-            x = layer.finish(x, layer.attend(q, k, v, layer.bias(buckets), mask), u)
+            if training:
+                attended = layer.attend(q, k, v, layer.bias(buckets), mask)
+            else:
+                bias = layer.bias(buckets).add_(padding).transpose(1, 2)  # (B, T, L), query-fastest
+                attended = attend_cached(q, k, v, bias, 1.0 / self.config.max_len, causal=True)
+            x = layer.finish(x, attended, u)
             keys.append(k)
             values.append(v)
         return x, KVCache(torch.stack(keys, dim=1), torch.stack(values, dim=1), batch.timestamps, batch.lengths)

@@ -1,11 +1,11 @@
 """Fused CPU kernels, compiled on first use for the machine that runs them.
 
-`hstu.attend_cached` spends most of candidate scoring in elementwise passes over the (C, H, L) scores that
-``baddbmm`` writes and ``bmm`` reads back (``benchmarks/results/kv_cache.md``). ``attend_cached.cpp`` fuses the
+`hstu.attend_cached` spends most of candidate scoring and of a prefill in elementwise passes over the (C or L,
+H, L) scores that ``baddbmm`` writes and ``bmm`` reads back (``benchmarks/results/kv_cache.md``). ``attend_cached.cpp`` fuses the
 whole chain so that the scores never leave L1; it is compiled with the system C++ compiler (``$CXX``, else
 ``g++``) and ``-march=native`` into a shared library, cached by a hash of the source, the flags, the compiler and
 the head sizes. Where no compiler works, or for anything the kernel does not cover (autograd, tracing or export,
-another device or dtype, one bias row per query), callers keep the eager form: same results, slower. The
+another device or dtype), callers keep the eager form: same results, slower. The
 kernel links OpenMP, and inside a process that has imported torch it shares torch's own OpenMP runtime.
 
 Environment: ``GENREC_NATIVE=0`` turns the kernels off; ``GENREC_KERNEL_CACHE`` is where libraries go
@@ -36,12 +36,12 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fope
 COMPILE_TIMEOUT_S = 300
 
 _I64 = ctypes.c_int64
-_ARGTYPES: list[type] = [*[ctypes.c_void_p] * 5, *[_I64] * 11, ctypes.c_float, ctypes.c_int]
+_ARGTYPES: list[type] = [*[ctypes.c_void_p] * 5, *[_I64] * 14, ctypes.c_float, ctypes.c_int]
 _lock = threading.Lock()
 _kernels: dict[tuple[int, int], Callable | None] = {}
 _failures: dict[tuple[int, int], str] = {}
 
-AttendKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+AttendKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
 
 
 def enabled() -> bool:
@@ -93,14 +93,17 @@ def _load(dq: int, dv: int) -> AttendKernel:
     function.argtypes = _ARGTYPES  # type: ignore[assignment]
     function.restype = None
 
-    def attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    def attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float, causal: bool) -> Tensor:
         b, t, h, _ = q.shape
         q, keys, values = (_heads_packed(x) for x in (q, keys, values))
-        bias = bias if bias.stride(-1) == 1 else bias.contiguous()
+        per_query = bias.shape[1] != 1
+        if per_query and bias.stride(1) != 1:  # the kernel reads 16 queries' bias for a key as one vector
+            bias = bias.transpose(1, 2).contiguous().transpose(1, 2)
         out = torch.empty((b, t, h, dv), dtype=q.dtype)
         function(q.data_ptr(), keys.data_ptr(), values.data_ptr(), bias.data_ptr(), out.data_ptr(),
                  b, t, h, keys.shape[1], q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-                 values.stride(0), values.stride(1), bias.stride(0), scale, torch.get_num_threads())
+                 values.stride(0), values.stride(1), bias.stride(0), int(per_query), bias.stride(2), int(causal),
+                 scale, torch.get_num_threads())
         return out
 
     return attend
@@ -113,7 +116,7 @@ def _heads_packed(x: Tensor) -> Tensor:
 
 def attend_kernel(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> AttendKernel | None:
     """The fused kernel for these arguments of `hstu.attend_cached`, or None where the eager form must run."""
-    if not enabled() or bias.shape[1] != 1:
+    if not enabled():
         return None
     tensors = (q, keys, values, bias)
     if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):

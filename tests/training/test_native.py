@@ -52,8 +52,35 @@ def test_kernel_matches_the_eager_form(b: int, t: int, heads: int, length: int, 
     np.testing.assert_array_less((fused - expected).abs().numpy(), (1e-5 * magnitude + 1e-7).numpy())
 
 
+@pytest.mark.parametrize("query_fastest", [True, False])
+@pytest.mark.parametrize(("b", "t", "heads", "dq", "dv"), [(1, 200, 8, 16, 16), (2, 37, 3, 8, 24)])
+def test_kernel_with_a_bias_row_per_query_and_causal(query_fastest: bool, b: int, t: int, heads: int, dq: int,
+                                                     dv: int) -> None:
+    """A prefill's attention: each query its own bias row (stored either way round), keys past the query
+    masked, which ``causal`` skips: the same sums as the eager form."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
+    generator = torch.Generator().manual_seed(2)
+    q, keys = torch.randn(b, t, heads, dq, generator=generator), torch.randn(b, t, heads, dq, generator=generator)
+    values = torch.randn(b, t, heads, dv, generator=generator)
+    bias = torch.randn(b, t, t, generator=generator)
+    bias = bias.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), MASKED)  # key l > query t: masked
+    bias[-1, :, t - 3 :] = MASKED  # the last user's padding
+    if query_fastest:
+        bias = bias.transpose(1, 2).contiguous().transpose(1, 2)
+    with torch.inference_mode():
+        assert native.attend_kernel(q, keys, values, bias) is not None
+        expected = _eager(q, keys, values, bias, 1 / 32)
+        scores = torch.einsum("bthd,blhd->bhtl", q, keys) + bias[:, None]
+        magnitude = torch.einsum("bhtl,blhd->bthd", F.silu(scores).abs(), values.abs()) / 32
+        for causal in (False, True):
+            fused = attend_cached(q, keys, values, bias, 1 / 32, causal=causal)
+            np.testing.assert_array_less((fused - expected).abs().numpy(), (1e-5 * magnitude + 1e-7).numpy())
+
+
 def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scoring (no grad, one bias row) runs the kernel; several bias rows, export tracing, or GENREC_NATIVE=0 not.
+    """Scoring and prefill (no grad, one bias row or one per query) run the kernel; export tracing, another
+    dtype, or GENREC_NATIVE=0 not.
 
     tests/training/test_hstu_cache.py checks the scores it gives against the reference forward pass.
     """
@@ -62,7 +89,7 @@ def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.M
     q, keys, values = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 4)
     with torch.no_grad():
         assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is not None
-        assert native.attend_kernel(q, keys, values, torch.zeros(1, 3, 5)) is None  # one row per query
+        assert native.attend_kernel(q, keys, values, torch.zeros(1, 3, 5)) is not None  # one row per query
         assert native.attend_kernel(q.double(), keys.double(), values.double(), torch.zeros(1, 1, 5).double()) is None
         monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
         assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is None
