@@ -56,11 +56,11 @@ class Handler(Protocol):
     def execute(self, requests: list[Request]) -> list[Result]: ...
 
 
-# The most attention scores (rows x longest history^2) one prefill pass computes. Past this, a padded batch is
-# slower than its users one by one: its attention temporaries outgrow the CPU's caches. Measured on 2 cores
-# (ms per user, reference size, one by one -> in passes of 2-16): 100 events 2.6 -> 1.5, 200 events 5.0 -> 4.0,
-# 300 events 8.3 -> 16.0 (pairs of 2), 1,000 events 148 -> 514 (passes of 16, unbounded before this).
-PREFILL_PAIRS = 1 << 17
+# The most attention pairs (rows x longest history^2) one prefill pass computes. Past this, a padded batch is
+# no faster than its users one by one, and its (B, L, L) bias and masks outgrow the CPU's caches. Measured on
+# 2 cores (ms per user, reference size, one by one -> in passes of 2-16): 50 events 1.23 -> 0.55 (16),
+# 200 events 2.97 -> 2.52 (4), 500 events 8.7 -> 8.0 (2), 9.0 (4); 1,000 events 27.3 -> 26.9 (2), 51.8 (16).
+PREFILL_PAIRS = 1 << 19
 
 
 def _in_length_groups(rows: list, lengths: np.ndarray, compute, max_pairs: int | None = None) -> list:  # type: ignore[no-untyped-def]
