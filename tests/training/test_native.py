@@ -52,6 +52,31 @@ def test_kernel_matches_the_eager_form(b: int, t: int, heads: int, length: int, 
     np.testing.assert_array_less((fused - expected).abs().numpy(), (1e-5 * magnitude + 1e-7).numpy())
 
 
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_kernel_silu_over_the_whole_float_range(build: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The kernel's inline SiLU, read through one key whose score is the bias: within 1e-5 relative of torch's
+    from -150 to 150, exactly 0 for a masked key, x for a huge one. ``portable`` builds without AVX-512 (the
+    vector-extension fallback that other CPUs compile)."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
+    if build == "portable":
+        monkeypatch.setenv("GENREC_KERNEL_CACHE", str(tmp_path))
+        monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v3" if f == "-march=native" else f
+                                                   for f in native.FLAGS))
+        kernel = native._load(16, 16)
+    else:
+        kernel = native.kernel(16, 16)
+    assert kernel is not None
+    x = torch.cat([torch.linspace(-150, 150, 30001), torch.tensor([MASKED, 1e9, 0.0])])
+    q, keys, values = torch.zeros(1, x.numel(), 1, 16), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16)
+    values[..., 0] = 1
+    with torch.inference_mode():
+        out = kernel(q, keys, values, x.view(1, -1, 1).contiguous(), 1.0, False)[0, :, 0, 0].double()
+    expected = F.silu(x.double())
+    np.testing.assert_array_less((out - expected).abs().numpy(), (1e-5 * expected.abs() + 1e-30).numpy())
+    assert out[-3:].tolist() == [0.0, 1e9, 0.0]
+
+
 @pytest.mark.parametrize("query_fastest", [True, False])
 @pytest.mark.parametrize(("b", "t", "heads", "dq", "dv"), [(1, 200, 8, 16, 16), (2, 37, 3, 8, 24)])
 def test_kernel_with_a_bias_row_per_query_and_causal(query_fastest: bool, b: int, t: int, heads: int, dq: int,
