@@ -380,15 +380,18 @@ def run(cfg: KVBenchConfig, command: str) -> None:
         f"{cfg.repeats} rounds of {cfg.fast_calls_per_round} fast calls + 1 slow call, so both see the same "
         "background load; medians, IQR = p75 - p25. "
         "torch.inference_mode(), eval mode, batch = 1 user. The machine is shared: compare ratios within a run.",
-        "where the time goes (torch.profiler on this machine, not part of this run; L=1000, C=100, 2 threads): "
-        "before the fused kernel, each layer's (C, H, L) attention ran as one baddbmm, one in-place SiLU and "
-        "one bmm over head-major copies of the cache: ~27% baddbmm, ~14% SiLU, ~13% bmm, ~15% the copies. The "
-        "kernel (`training/attend_cached.cpp`) reads the cache in its stored layout (B, L, H, d), keeps 16 "
-        "candidates' queries and sums in vector registers and a block of 16 keys' scores in L1, and computes "
-        "SiLU inline (a polynomial exp and a reciprocal estimate): ~0.45-0.56 ms a layer here, ~90-120 GFLOP/s "
-        "of the counted pair FLOPs, bound by the SiLU's ~20 vector instructions per 16 (candidate, key) pairs "
-        "against 2·16 FMAs of useful work at d_qk = d_v = 16. The rest of a request (~1.8 ms) is ~60 small ops "
-        "(projections near the matmul rate, layer norms, the relative-bias lookups) of 5-50 us each. "
+        "where the time goes (torch.profiler and scratch timings on this machine, not part of this run; L=1000, "
+        "C=100, 2 threads): before the fused kernel, each layer's (C, H, L) attention ran as one baddbmm, one "
+        "in-place SiLU and one bmm over head-major copies of the cache: ~27% baddbmm, ~14% SiLU, ~13% bmm, ~15% "
+        "the copies. Now a layer is one matmul, one native call (`score_layer` in `training/attend_cached.cpp`: "
+        "the projection's bias and SiLU, the attention to the cache and to the candidate itself, the attention "
+        "norm and gate, the residual's bias) and one matmul. The attention reads the cache in its stored layout "
+        "(B, L, H, d), keeps 16 candidates' queries and sums in vector registers and a block of 16 keys' scores "
+        "in L1, and computes SiLU inline (16 vector instructions for 16 pairs: a degree-6 polynomial, scalef "
+        "and a reciprocal estimate): ~0.34 ms a layer, ~150 GFLOP/s of the counted pair FLOPs (42% of the "
+        "matmul peak), instruction-bound: ~50 vector instructions per 16 (candidate, key) pairs, of which 32 "
+        "are the useful FMAs at d_qk = d_v = 16. The two matmuls take ~0.07 ms a layer; the ranking head, "
+        "embedding, bucket indices and Python ~0.5 ms a request. "
         "Incremental prefill writes the new event's K/V into the cache's spare room (`KVArena`), so it reads "
         "the cached K/V once and copies nothing; its 2.7 MFLOP are dominated by per-op overhead.",
         *start.notes,
@@ -404,9 +407,9 @@ def run(cfg: KVBenchConfig, command: str) -> None:
             "Fused attention kernel vs eager",
             KERNEL_HEADERS,
             kernel_rows,
-            "Cached scoring with the attention of every layer in `training/attend_cached.cpp` (compiled for this "
-            "CPU by `training/native.py`) vs the eager form (`GENREC_NATIVE=0`: baddbmm, SiLU, bmm over "
-            "head-major copies of the cache), timed round-robin. "
+            "Cached scoring with every layer's work between its two matmuls in `training/attend_cached.cpp` "
+            "(compiled for this CPU by `training/native.py`) vs the eager form (`GENREC_NATIVE=0`: baddbmm, SiLU, "
+            "bmm over head-major copies of the cache, and the layer's other ops one by one), timed round-robin. "
             + ("The kernel was in use." if native.kernel(model_config.d_qk, model_config.d_v) else
                f"THE KERNEL COULD NOT BE BUILT, both columns ran the eager form: "
                f"{native.failure(model_config.d_qk, model_config.d_v)}"),

@@ -7,6 +7,8 @@
 // is one vector load. With causal, query t reads no key past t (they are masked in the bias anyway): a prefill
 // computes half the pairs.
 //
+// score_layer runs the rest of a candidate-scoring layer between its matmuls around the same attention.
+//
 // Compiled by genrec.training.native for the machine it runs on, with -DDQ=<d_qk> -DDV=<d_v>: constant sizes
 // keep q and the sums in registers. Vectors run over 16 queries (candidates) at a time, so the key and value
 // rows are read as broadcast scalars in their stored layout (B, L, H, d): nothing is copied head-major.
@@ -58,7 +60,64 @@ static inline vec silu(vec x) {
     return z < 115.0f ? s : vec{};
 }
 
-// Strides are in floats; within a row, heads are DQ (DV) floats apart and each head's vector is contiguous.
+// One tile: queries t0 .. t0+nt-1 of one (user, head) against keys 0 .. end-1. q, kh, vh and bb point at the
+// (user, head)'s first query, key, value and bias; strides are in floats, and within a row the heads are DQ (DV)
+// floats apart, each head's vector contiguous. With self_k (strided as q), each query also attends to its own
+// key and value (self_k, self_v) with bias self_bias: a candidate token seeing itself. out: the tile's first
+// query's row, out_t floats between queries.
+static inline void attend_tile(const float *q, int64_t q_t, const float *kh, int64_t k_l, const float *vh,
+                               int64_t v_l, const float *bb, int64_t bias_t, int64_t bias_l, int64_t t0,
+                               int64_t nt, int64_t end, const float *self_k, const float *self_v, float self_bias,
+                               float scale, float *out, int64_t out_t) {
+    vec qt[DQ], acc[DV], x[LB];
+    for (int e = 0; e < DQ; e++) qt[e] = vec{};
+    for (int e = 0; e < DV; e++) acc[e] = vec{};
+    for (int64_t t = 0; t < nt; t++)
+        for (int e = 0; e < DQ; e++) qt[e][t] = q[(t0 + t) * q_t + e];
+    for (int64_t l0 = 0; l0 < end; l0 += LB) {
+        const int64_t nl = end - l0 < LB ? end - l0 : LB;
+        for (int64_t l = 0; l < nl; l++) {
+            const float *kr = kh + (l0 + l) * k_l, *br = bb + (l0 + l) * bias_l;
+            vec y0, y1 = vec{};  // two partial sums: shorter dependency chains
+            if (!bias_t) {
+                y0 = br[0] + vec{};
+            } else if (nt == QB) {
+                __builtin_memcpy(&y0, br + t0, sizeof(vec));
+            } else {
+                y0 = vec{};
+                for (int64_t t = 0; t < nt; t++) y0[t] = br[t0 + t];
+            }
+            #pragma GCC unroll 64
+            for (int e = 0; e + 1 < DQ; e += 2) { y0 += qt[e] * kr[e]; y1 += qt[e + 1] * kr[e + 1]; }
+            if (DQ % 2) y0 += qt[DQ - 1] * kr[DQ - 1];
+            x[l] = y0 + y1;
+        }
+        for (int64_t l = 0; l < nl; l++) x[l] = silu(x[l]);
+        for (int64_t l = 0; l < nl; l++) {
+            const float *vr = vh + (l0 + l) * v_l;
+            #pragma GCC unroll 64
+            for (int e = 0; e < DV; e++) acc[e] += x[l] * vr[e];
+        }
+    }
+    if (self_k) {
+        vec y = self_bias + vec{}, column;
+        for (int e = 0; e < DQ; e++) {
+            column = vec{};
+            for (int64_t t = 0; t < nt; t++) column[t] = self_k[(t0 + t) * q_t + e];
+            y += qt[e] * column;
+        }
+        const vec w = silu(y);
+        for (int e = 0; e < DV; e++) {
+            column = vec{};
+            for (int64_t t = 0; t < nt; t++) column[t] = self_v[(t0 + t) * q_t + e];
+            acc[e] += w * column;
+        }
+    }
+    for (int64_t t = 0; t < nt; t++)
+        for (int e = 0; e < DV; e++) out[(t0 + t) * out_t + e] = acc[e][t] * scale;
+}
+
+// hstu.attend_cached: q (B, T, H, DQ), k (B, L, H, DQ), v (B, L, H, DV) -> out (B, T, H, DV), contiguous.
 extern "C" void attend_cached(const float *q, const float *k, const float *v, const float *bias, float *out,
                               int64_t B, int64_t T, int64_t H, int64_t L, int64_t q_b, int64_t q_t,
                               int64_t k_b, int64_t k_l, int64_t v_b, int64_t v_l, int64_t bias_b,
@@ -69,40 +128,88 @@ extern "C" void attend_cached(const float *q, const float *k, const float *v, co
         for (int64_t tb = 0; tb < tblocks; tb++) {
             const int64_t b = bh / H, h = bh % H, t0 = tb * QB;
             const int64_t nt = T - t0 < QB ? T - t0 : QB;
-            vec qt[DQ], acc[DV], x[LB];
-            for (int e = 0; e < DQ; e++) qt[e] = vec{};
-            for (int e = 0; e < DV; e++) acc[e] = vec{};
-            for (int64_t t = 0; t < nt; t++)
-                for (int e = 0; e < DQ; e++) qt[e][t] = q[b * q_b + (t0 + t) * q_t + h * DQ + e];
-            const float *kh = k + b * k_b + h * DQ, *vh = v + b * v_b + h * DV, *bb = bias + b * bias_b;
             const int64_t end = causal && t0 + nt < L ? t0 + nt : L;
-            for (int64_t l0 = 0; l0 < end; l0 += LB) {
-                const int64_t nl = end - l0 < LB ? end - l0 : LB;
-                for (int64_t l = 0; l < nl; l++) {
-                    const float *kr = kh + (l0 + l) * k_l, *br = bb + (l0 + l) * bias_l;
-                    vec y0, y1 = vec{};  // two partial sums: shorter dependency chains
-                    if (!bias_t) {
-                        y0 = br[0] + vec{};
-                    } else if (nt == QB) {
-                        __builtin_memcpy(&y0, br + t0, sizeof(vec));
-                    } else {
-                        y0 = vec{};
-                        for (int64_t t = 0; t < nt; t++) y0[t] = br[t0 + t];
-                    }
-                    #pragma GCC unroll 64
-                    for (int e = 0; e + 1 < DQ; e += 2) { y0 += qt[e] * kr[e]; y1 += qt[e + 1] * kr[e + 1]; }
-                    if (DQ % 2) y0 += qt[DQ - 1] * kr[DQ - 1];
-                    x[l] = y0 + y1;
-                }
-                for (int64_t l = 0; l < nl; l++) x[l] = silu(x[l]);
-                for (int64_t l = 0; l < nl; l++) {
-                    const float *vr = vh + (l0 + l) * v_l;
-                    #pragma GCC unroll 64
-                    for (int e = 0; e < DV; e++) acc[e] += x[l] * vr[e];
-                }
+            attend_tile(q + b * q_b + h * DQ, q_t, k + b * k_b + h * DQ, k_l, v + b * v_b + h * DV, v_l,
+                        bias + b * bias_b, bias_t, bias_l, t0, nt, end, nullptr, nullptr, 0.0f, scale,
+                        out + b * T * H * DV + h * DV, H * DV);
+        }
+    }
+}
+
+static inline void silu_row(float *p, const float *bias, int64_t n) {  // p = silu(p + bias), in place
+    int64_t i = 0;
+    for (; i + QB <= n; i += QB) {  // whole vectors: a fixed-size copy is one load, a variable one a call
+        vec x, b;
+        __builtin_memcpy(&x, p + i, sizeof(vec));
+        __builtin_memcpy(&b, bias + i, sizeof(vec));
+        x = silu(x + b);
+        __builtin_memcpy(p + i, &x, sizeof(vec));
+    }
+    if (i < n) {
+        vec x = vec{}, b = vec{};
+        __builtin_memcpy(&x, p + i, (n - i) * sizeof(float));
+        __builtin_memcpy(&b, bias + i, (n - i) * sizeof(float));
+        x = silu(x + b);
+        __builtin_memcpy(p + i, &x, (n - i) * sizeof(float));
+    }
+}
+
+static inline float row_sum(const float *p, int64_t n, float shift, bool square) {  // sum of (p - shift)^(1 or 2)
+    vec acc = vec{};
+    int64_t i = 0;
+    for (; i + QB <= n; i += QB) {
+        vec x;
+        __builtin_memcpy(&x, p + i, sizeof(vec));
+        x -= shift;
+        acc += square ? x * x : x;
+    }
+    float total = 0;
+    for (int t = 0; t < QB; t++) total += acc[t];
+    for (; i < n; i++) total += square ? (p[i] - shift) * (p[i] - shift) : p[i] - shift;
+    return total;
+}
+
+// One HSTU layer's work on candidate tokens between its two matmuls (hstu.HSTULayer.score_cached):
+// pre (B*C, H*(2 DV + 2 DQ)), the candidates' input projection before its bias (pre_bias) and SiLU, laid out
+// u | v | q | k, becomes silu(pre + pre_bias) in place; each candidate attends to its user's cached keys (B, L, H, DQ) / values (with the bias
+// table[buckets[b, l]] for l < lengths[b], masked after) and to itself (bias table[self_index]); the result,
+// layer-normed (norm_w, norm_b, eps) and gated by u, goes to y (B*C, H*DV); xb = x + out_bias (B*C, D) is
+// the residual that the output matmul adds to. bias_rows: scratch of B*L floats.
+extern "C" void score_layer(float *pre, const float *pre_bias, const float *k, const float *v, const int64_t *buckets,
+                            const int64_t *lengths, const float *table, int64_t self_index, const float *norm_w,
+                            const float *norm_b, float eps, const float *x, const float *out_bias, float *y,
+                            float *xb, float *bias_rows, int64_t B, int64_t C, int64_t H, int64_t L, int64_t D,
+                            int64_t k_b, int64_t k_l, int64_t v_b, int64_t v_l, float scale, int threads) {
+    const int64_t width = H * (2 * DV + 2 * DQ), n = H * DV, tblocks = (C + QB - 1) / QB;
+    const float self_bias = table[self_index];
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < B * C; r++) {
+            silu_row(pre + r * width, pre_bias, width);
+            for (int64_t e = 0; e < D; e++) xb[r * D + e] = x[r * D + e] + out_bias[e];
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * L; i++)
+            bias_rows[i] = i % L < lengths[i / L] ? table[buckets[i]] : -1e9f;  // hstu.MASKED
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            for (int64_t tb = 0; tb < tblocks; tb++) {
+                const int64_t b = bh / H, h = bh % H, t0 = tb * QB;
+                const int64_t nt = C - t0 < QB ? C - t0 : QB;
+                const float *rows = pre + b * C * width;
+                attend_tile(rows + 2 * n + h * DQ, width, k + b * k_b + h * DQ, k_l, v + b * v_b + h * DV, v_l,
+                            bias_rows + b * L, 0, 1, t0, nt, L, rows + 2 * n + H * DQ + h * DQ, rows + n + h * DV,
+                            self_bias, scale, y + b * C * n + h * DV, n);
             }
-            for (int64_t t = 0; t < nt; t++)
-                for (int e = 0; e < DV; e++) out[((b * T + t0 + t) * H + h) * DV + e] = acc[e][t] * scale;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < B * C; r++) {
+            float *row = y + r * n;
+            const float *u = pre + r * width;
+            const float mean = row_sum(row, n, 0.0f, false) / n;
+            const float rstd = 1.0f / __builtin_sqrtf(row_sum(row, n, mean, true) / n + eps);
+            for (int64_t e = 0; e < n; e++) row[e] = ((row[e] - mean) * rstd * norm_w[e] + norm_b[e]) * u[e];
         }
     }
 }

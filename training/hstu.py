@@ -174,9 +174,11 @@ class RelativeBias(nn.Module):
         return position.mul_(config.num_time_buckets).add_(time_bucket(gap_seconds, config.num_time_buckets))
 
     def forward(self, buckets: Tensor) -> Tensor:
-        if self.time is None:
-            return self.position[buckets]
-        return self.table()[buckets]
+        return self.weights()[buckets]
+
+    def weights(self) -> Tensor:
+        """The flat table that `buckets` index: the position weights, or the (position x time bucket) sums."""
+        return self.position if self.time is None else self.table()
 
     def table(self) -> Tensor:
         """The flattened (position x time bucket) sums. Without autograd it is kept until the weights change
@@ -212,6 +214,16 @@ class HSTULayer(nn.Module):
     def finish(self, x: Tensor, attended: Tensor, u: Tensor) -> Tensor:
         """Residual update from the attention output (..., H, dv)."""
         return x + self.out(self.dropout(self.attn_norm(attended.flatten(-2)) * u))
+
+    def score_fused(self, kernel: native.ScoreLayerKernel, x: Tensor, keys: Tensor, values: Tensor,
+                    buckets: Tensor, lengths: Tensor, self_index: int, scale: float) -> Tensor:
+        """`HSTU.candidate_states`' layer step (eval, no autograd) as two matmuls around one native call: the
+        SiLU, the attention to the cache and to itself, the attention norm, the gate and the residual's bias."""
+        pre = torch.mm(self.input_norm(x).flatten(0, 1), self.uvqk.weight.t())  # the bias goes in with the SiLU
+        y, residual = kernel(pre.view(*x.shape[:2], -1), self.uvqk.bias, keys, values, buckets, lengths,
+                             self.bias.weights(), self_index,
+                             self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps, x, self.out.bias, scale)
+        return torch.addmm(residual.flatten(0, 1), y.flatten(0, 1), self.out.weight.t()).view_as(x)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor) -> Tensor:
         """Pointwise attention. q (B, Tq, H, dqk), k/v (B, Tk, H, d), bias/mask (B, Tq, Tk) -> (B, Tq, H, dv)."""
@@ -418,13 +430,20 @@ class HSTU(nn.Module):
         """Each candidate (B, C) as one more token after the cached history -> its final state (B, C, D)."""
         width = cache.keys.shape[2]
         key_pos = torch.arange(width, device=candidates.device)
-        padding = (key_pos[None, :] >= cache.lengths[:, None]).float() * MASKED  # (B, L)
         distance = cache.lengths[:, None] - key_pos[None, :]  # candidate sits at position L
         hist_buckets = RelativeBias.buckets(distance, request_time[:, None] - cache.timestamps, self.config)
         zero = torch.zeros(1, dtype=torch.long, device=candidates.device)
         self_buckets = RelativeBias.buckets(zero, zero, self.config)
         scale = 1.0 / self.config.max_len
         x = self.embed(candidates, torch.zeros_like(candidates))  # (B, C, D), action unknown
+        kernel = None if self.training else native.score_layer_kernel(x, cache.keys, cache.values)
+        if kernel is not None:
+            index = int(self_buckets)
+            for i, layer in enumerate(self.blocks):
+                x = layer.score_fused(kernel, x, cache.keys[:, i], cache.values[:, i], hist_buckets, cache.lengths,
+                                      index, scale)
+            return x
+        padding = (key_pos[None, :] >= cache.lengths[:, None]).float() * MASKED  # (B, L)
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
             hist = attend_cached(q, cache.keys[:, i], cache.values[:, i], (layer.bias(hist_buckets) + padding)[:, None], scale)

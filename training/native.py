@@ -2,7 +2,8 @@
 
 `hstu.attend_cached` spends most of candidate scoring and of a prefill in elementwise passes over the (C or L,
 H, L) scores that ``baddbmm`` writes and ``bmm`` reads back (``benchmarks/results/kv_cache.md``). ``attend_cached.cpp`` fuses the
-whole chain so that the scores never leave L1; it is compiled with the system C++ compiler (``$CXX``, else
+whole chain so that the scores never leave L1, and for candidate scoring also everything else a layer does
+between its two matmuls (one call instead of ~20 small ops); it is compiled with the system C++ compiler (``$CXX``, else
 ``g++``) and ``-march=native`` into a shared library, cached by a hash of the source, the flags, the compiler and
 the head sizes. Where no compiler works, or for anything the kernel does not cover (autograd, tracing or export,
 another device or dtype), callers keep the eager form: same results, slower. The
@@ -23,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,13 +37,28 @@ SOURCE = Path(__file__).with_name("attend_cached.cpp")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared")
 COMPILE_TIMEOUT_S = 300
 
-_I64 = ctypes.c_int64
-_ARGTYPES: list[type] = [*[ctypes.c_void_p] * 5, *[_I64] * 14, ctypes.c_float, ctypes.c_int]
-_lock = threading.Lock()
-_kernels: dict[tuple[int, int], Callable | None] = {}
-_failures: dict[tuple[int, int], str] = {}
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_ATTEND_ARGS: list[type] = [*[_PTR] * 5, *[_I64] * 14, _F32, ctypes.c_int]
+_SCORE_ARGS: list[type] = [*[_PTR] * 7, _I64, _PTR, _PTR, _F32, *[_PTR] * 5, *[_I64] * 9, _F32, ctypes.c_int]
 
 AttendKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
+ScoreLayerKernel = Callable[..., tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The compiled entry points for one pair of head sizes: `hstu.attend_cached`, and the whole of
+    `hstu.HSTULayer.score_fused` between its two matmuls (pre, pre_bias, keys, values, buckets, lengths, table,
+    self_index, norm_weight, norm_bias, eps, x, out_bias, scale) -> (y, residual). ``pre``, the input projection
+    without its bias, is overwritten."""
+
+    attend: AttendKernel
+    score_layer: ScoreLayerKernel
+
+
+_lock = threading.Lock()
+_kernels: dict[tuple[int, int], Kernels | None] = {}
+_failures: dict[tuple[int, int], str] = {}
 
 
 def enabled() -> bool:
@@ -88,10 +105,12 @@ def _build(dq: int, dv: int) -> Path:
     return library
 
 
-def _load(dq: int, dv: int) -> AttendKernel:
-    function = ctypes.CDLL(str(_build(dq, dv))).attend_cached
-    function.argtypes = _ARGTYPES  # type: ignore[assignment]
-    function.restype = None
+def _load(dq: int, dv: int) -> Kernels:
+    library = ctypes.CDLL(str(_build(dq, dv)))
+    attend_function, score_function = library.attend_cached, library.score_layer
+    attend_function.argtypes = _ATTEND_ARGS  # type: ignore[assignment]
+    score_function.argtypes = _SCORE_ARGS  # type: ignore[assignment]
+    attend_function.restype = score_function.restype = None
 
     def attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float, causal: bool) -> Tensor:
         b, t, h, _ = q.shape
@@ -100,13 +119,30 @@ def _load(dq: int, dv: int) -> AttendKernel:
         if per_query and bias.stride(1) != 1:  # the kernel reads 16 queries' bias for a key as one vector
             bias = bias.transpose(1, 2).contiguous().transpose(1, 2)
         out = torch.empty((b, t, h, dv), dtype=q.dtype)
-        function(q.data_ptr(), keys.data_ptr(), values.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                 b, t, h, keys.shape[1], q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-                 values.stride(0), values.stride(1), bias.stride(0), int(per_query), bias.stride(2), int(causal),
-                 scale, torch.get_num_threads())
+        attend_function(q.data_ptr(), keys.data_ptr(), values.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                        b, t, h, keys.shape[1], q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+                        values.stride(0), values.stride(1), bias.stride(0), int(per_query), bias.stride(2),
+                        int(causal), scale, torch.get_num_threads())
         return out
 
-    return attend
+    def score_layer(pre: Tensor, pre_bias: Tensor, keys: Tensor, values: Tensor, buckets: Tensor, lengths: Tensor,
+                    table: Tensor, self_index: int, norm_weight: Tensor, norm_bias: Tensor, eps: float, x: Tensor,
+                    out_bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        b, c, d = x.shape
+        h, length = keys.shape[2], keys.shape[1]
+        pre, pre_bias, x, buckets, lengths, table, norm_weight, norm_bias, out_bias = (
+            t.contiguous() for t in (pre, pre_bias, x, buckets, lengths, table, norm_weight, norm_bias, out_bias))
+        keys, values = _heads_packed(keys), _heads_packed(values)
+        y, residual = torch.empty((b, c, h * dv), dtype=x.dtype), torch.empty_like(x)
+        rows = torch.empty((b, length), dtype=x.dtype)
+        score_function(pre.data_ptr(), pre_bias.data_ptr(), keys.data_ptr(), values.data_ptr(), buckets.data_ptr(), lengths.data_ptr(),
+                       table.data_ptr(), self_index, norm_weight.data_ptr(), norm_bias.data_ptr(), eps,
+                       x.data_ptr(), out_bias.data_ptr(), y.data_ptr(), residual.data_ptr(), rows.data_ptr(),
+                       b, c, h, length, d, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+                       scale, torch.get_num_threads())
+        return y, residual
+
+    return Kernels(attend, score_layer)
 
 
 def _heads_packed(x: Tensor) -> Tensor:
@@ -114,22 +150,32 @@ def _heads_packed(x: Tensor) -> Tensor:
     return x if x.stride(3) == 1 and x.stride(2) == x.shape[3] else x.contiguous()
 
 
+def _usable(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether a kernel may run on these tensors: float32 on the CPU, no autograd, no tracing or export."""
+    if not enabled():
+        return False
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
 def attend_kernel(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> AttendKernel | None:
     """The fused kernel for these arguments of `hstu.attend_cached`, or None where the eager form must run."""
-    if not enabled():
-        return None
-    tensors = (q, keys, values, bias)
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):
-        return None
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return None
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-        return None
-    return kernel(q.shape[3], values.shape[3])
+    kernels = kernel(q.shape[3], values.shape[3]) if _usable((q, keys, values, bias)) else None
+    return kernels.attend if kernels is not None else None
 
 
-def kernel(dq: int, dv: int) -> AttendKernel | None:
-    """The compiled kernel for these head sizes, built once per process; None (and a warning) where it fails."""
+def score_layer_kernel(x: Tensor, keys: Tensor, values: Tensor) -> ScoreLayerKernel | None:
+    """`Kernels.score_layer` for candidate tokens x (B, C, D) against a cache's keys / values (B, layers, L, H,
+    d), or None where the eager form must run."""
+    kernels = kernel(keys.shape[-1], values.shape[-1]) if _usable((x, keys, values)) else None
+    return kernels.score_layer if kernels is not None else None
+
+
+def kernel(dq: int, dv: int) -> Kernels | None:
+    """The compiled kernels for these head sizes, built once per process; None (and a warning) where it fails."""
     key = (dq, dv)
     if key not in _kernels:
         with _lock:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from genrec.training import native
-from genrec.training.hstu import MASKED, attend_cached
+from genrec.training.batch import SequenceBatch
+from genrec.training.hstu import HSTU, MASKED, HSTUConfig, attend_cached
 
 
 def _eager(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,10 +64,11 @@ def test_kernel_silu_over_the_whole_float_range(build: str, monkeypatch: pytest.
         monkeypatch.setenv("GENREC_KERNEL_CACHE", str(tmp_path))
         monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v3" if f == "-march=native" else f
                                                    for f in native.FLAGS))
-        kernel = native._load(16, 16)
+        kernels = native._load(16, 16)
     else:
-        kernel = native.kernel(16, 16)
-    assert kernel is not None
+        kernels = native.kernel(16, 16)
+    assert kernels is not None
+    kernel = kernels.attend
     x = torch.cat([torch.linspace(-150, 150, 30001), torch.tensor([MASKED, 1e9, 0.0])])
     q, keys, values = torch.zeros(1, x.numel(), 1, 16), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16)
     values[..., 0] = 1
@@ -121,6 +123,39 @@ def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.M
         monkeypatch.undo()
         monkeypatch.setenv("GENREC_NATIVE", "0")
         assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is None
+
+
+@pytest.mark.parametrize("time_buckets", [128, 0])
+def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`HSTU.candidate_states` through `HSTULayer.score_fused` (one native call a layer) against the eager
+    layers: several users of different lengths in a padded cache, a partial block of candidates, d_qk != d_v,
+    with and without the time bias. Under autograd or in train mode the eager layers run."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
+    torch.manual_seed(3)
+    config = HSTUConfig(num_items=300, d_model=40, num_layers=2, num_heads=3, d_qk=8, d_v=24, max_len=64,
+                        num_time_buckets=time_buckets)
+    model = HSTU(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # at init the bias tables are zero and the layers near identity
+            parameter.normal_(0, 0.5)
+    lengths = torch.tensor([50, 17, 1])
+    items = torch.randint(1, 301, (3, 50))
+    times = torch.cumsum(torch.randint(0, 10**5, (3, 50)), dim=1) + 1_600_000_000
+    batch = SequenceBatch(items=items, actions=torch.zeros_like(items), timestamps=times, lengths=lengths)
+    candidates = torch.randint(1, 301, (3, 37))
+    with torch.inference_mode():
+        cache, _ = model.prefill(batch)
+        request_time = times[:, -1] + 600
+        assert native.score_layer_kernel(model.embed(candidates, candidates * 0), cache.keys, cache.values)
+        fused = model.candidate_states(cache, candidates, request_time)
+        monkeypatch.setenv("GENREC_NATIVE", "0")
+        eager = model.candidate_states(cache, candidates, request_time)
+    assert (fused - eager).abs().max() < 1e-5 * eager.abs().max()
+    assert (eager - model.embed(candidates, candidates * 0)).abs().max() > 0.1  # the layers did move the tokens
+    monkeypatch.undo()
+    x = model.embed(candidates, candidates * 0)
+    assert native.score_layer_kernel(x, cache.keys, cache.values) is None  # autograd: x requires grad
 
 
 def test_without_a_compiler_the_eager_form_runs(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
