@@ -19,6 +19,9 @@
 #ifndef LB
 #define LB 16  // keys per block: three passes over the block's scores, each a loop of independent steps
 #endif
+#ifndef PREFETCH
+#define PREFETCH 32  // keys ahead
+#endif
 
 typedef float vec __attribute__((vector_size(QB * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(QB * sizeof(int32_t))));
@@ -34,7 +37,15 @@ static inline vec round_near(vec z) {
 }
 static inline vec scale2(vec p, vec n) { return (vec)_mm512_scalef_ps((__m512)p, (__m512)n); }  // p 2^n, inf past fp32
 static inline vec exponent_range(vec z) { return z; }  // scalef takes any n
+static inline vec load_first(const float *p, int64_t n) {  // p[0 .. n-1], zeros after: one masked load
+    return (vec)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
 #else
+static inline vec load_first(const float *p, int64_t n) {
+    vec x = vec{};
+    for (int64_t t = 0; t < n; t++) x[t] = p[t];
+    return x;
+}
 static inline vec recip(vec d) { return 1.0f / d; }
 static inline vec exponent_range(vec z) {  // n fits the exponent bits; silu is 0 or x long before +-126
     z = z < -126.0f ? -126.0f + vec{} : z;
@@ -76,6 +87,13 @@ static inline void attend_tile(const float *q, int64_t q_t, const float *kh, int
         for (int e = 0; e < DQ; e++) qt[e][t] = q[(t0 + t) * q_t + e];
     for (int64_t l0 = 0; l0 < end; l0 += LB) {
         const int64_t nl = end - l0 < LB ? end - l0 : LB;
+        // The head's first tile reads its keys and values from memory, 64 B of each longer row: a stride the
+        // hardware prefetches too late (a user's cache read cold cost scoring ~25% more before this).
+        if (t0 == 0)
+            for (int64_t l = l0 + PREFETCH; l < l0 + PREFETCH + nl && l < end; l++) {
+                __builtin_prefetch(kh + l * k_l);
+                __builtin_prefetch(vh + l * v_l);
+            }
         for (int64_t l = 0; l < nl; l++) {
             const float *kr = kh + (l0 + l) * k_l, *br = bb + (l0 + l) * bias_l;
             vec y0, y1 = vec{};  // two partial sums: shorter dependency chains
@@ -83,9 +101,8 @@ static inline void attend_tile(const float *q, int64_t q_t, const float *kh, int
                 y0 = br[0] + vec{};
             } else if (nt == QB) {
                 __builtin_memcpy(&y0, br + t0, sizeof(vec));
-            } else {
-                y0 = vec{};
-                for (int64_t t = 0; t < nt; t++) y0[t] = br[t0 + t];
+            } else {  // a partial tile (an append of a few events): lanes written one by one would stall the load
+                y0 = load_first(br + t0, nt);
             }
             #pragma GCC unroll 64
             for (int e = 0; e + 1 < DQ; e += 2) { y0 += qt[e] * kr[e]; y1 += qt[e + 1] * kr[e + 1]; }
