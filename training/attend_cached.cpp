@@ -7,7 +7,8 @@
 // is one vector load. With causal, query t reads no key past t (they are masked in the bias anyway): a prefill
 // computes half the pairs.
 //
-// score_layer runs the rest of a candidate-scoring layer between its matmuls around the same attention.
+// layer_step runs the rest of a layer on new tokens (candidates, appended events) between its matmuls
+// around the same attention.
 //
 // Compiled by genrec.training.native for the machine it runs on, with -DDQ=<d_qk> -DDV=<d_v>: constant sizes
 // keep q and the sums in registers. Vectors run over 16 queries (candidates) at a time, so the key and value
@@ -186,42 +187,57 @@ static inline float row_sum(const float *p, int64_t n, float shift, bool square)
     return total;
 }
 
-// One HSTU layer's work on candidate tokens between its two matmuls (hstu.HSTULayer.score_cached):
-// pre (B*C, H*(2 DV + 2 DQ)), the candidates' input projection before its bias (pre_bias) and SiLU, laid out
-// u | v | q | k, becomes silu(pre + pre_bias) in place; each candidate attends to its user's cached keys (B, L, H, DQ) / values (with the bias
-// table[buckets[b, l]] for l < lengths[b], masked after) and to itself (bias table[self_index]); the result,
-// layer-normed (norm_w, norm_b, eps) and gated by u, goes to y (B*C, H*DV); xb = x + out_bias (B*C, D) is
-// the residual that the output matmul adds to. bias_rows: scratch of B*L floats.
-extern "C" void score_layer(float *pre, const float *pre_bias, const float *k, const float *v, const int64_t *buckets,
-                            const int64_t *lengths, const float *table, int64_t self_index, const float *norm_w,
-                            const float *norm_b, float eps, const float *x, const float *out_bias, float *y,
-                            float *xb, float *bias_rows, int64_t B, int64_t C, int64_t H, int64_t L, int64_t D,
-                            int64_t k_b, int64_t k_l, int64_t v_b, int64_t v_l, float scale, int threads) {
-    const int64_t width = H * (2 * DV + 2 * DQ), n = H * DV, tblocks = (C + QB - 1) / QB;
-    const float self_bias = table[self_index];
+// One HSTU layer's work on new tokens between its two matmuls (hstu.HSTULayer.step_fused), for candidates
+// scored against a user's cache and for events appended to it. pre (B*T, H*(2 DV + 2 DQ)), the tokens' input
+// projection before its bias (pre_bias) and SiLU, laid out u | v | q | k, becomes silu(pre + pre_bias) in place.
+// With write_pos (B, T), token t's key and value are then written into the cache (k, v: (B, rows, H, d)) at row
+// write_pos[b, t] (an append: the token attends to itself there). Each token attends to the cache's keys
+// 0 .. L-1 with the bias table[buckets[b, t', l]] where l < limits[b, t'], masked after; per_query: t' = t (B, T,
+// L buckets, (B, T) limits), else t' = 0 for every token. With self_attend (candidates), a token also attends to
+// its own key and value with the bias table[self_index]. The result, layer-normed (norm_w, norm_b, eps) and gated
+// by u, goes to y (B*T, H*DV); xb = x + out_bias (B*T, D) is the residual that the output matmul adds to.
+// bias_rows: scratch of B * (T or 1) * L floats.
+extern "C" void layer_step(float *pre, const float *pre_bias, float *k, float *v, const int64_t *write_pos,
+                           int64_t self_attend, const int64_t *buckets, const int64_t *limits, int64_t per_query,
+                           const float *table, int64_t self_index, const float *norm_w, const float *norm_b,
+                           float eps, const float *x, const float *out_bias, float *y, float *xb, float *bias_rows,
+                           int64_t B, int64_t T, int64_t H, int64_t L, int64_t D, int64_t k_b, int64_t k_l,
+                           int64_t v_b, int64_t v_l, float scale, int threads) {
+    const int64_t width = H * (2 * DV + 2 * DQ), n = H * DV, tblocks = (T + QB - 1) / QB;
+    const int64_t tq = per_query ? T : 1;  // bias rows per user
+    const float self_bias = self_attend ? table[self_index] : 0.0f;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < B * C; r++) {
-            silu_row(pre + r * width, pre_bias, width);
+        for (int64_t r = 0; r < B * T; r++) {
+            float *row = pre + r * width;
+            silu_row(row, pre_bias, width);
             for (int64_t e = 0; e < D; e++) xb[r * D + e] = x[r * D + e] + out_bias[e];
+            if (write_pos) {
+                const int64_t b = r / T, at = write_pos[r];
+                __builtin_memcpy(k + b * k_b + at * k_l, row + 2 * n + H * DQ, H * DQ * sizeof(float));
+                __builtin_memcpy(v + b * v_b + at * v_l, row + n, n * sizeof(float));
+            }
         }
         #pragma omp for schedule(static)
-        for (int64_t i = 0; i < B * L; i++)
-            bias_rows[i] = i % L < lengths[i / L] ? table[buckets[i]] : -1e9f;  // hstu.MASKED
+        for (int64_t i = 0; i < B * L * tq; i++) {  // stored (b, l, t'): one vector holds 16 queries' bias
+            const int64_t b = i / (L * tq), l = i / tq % L, t = i % tq, q = b * tq + t;
+            bias_rows[i] = l < limits[q] ? table[buckets[q * L + l]] : -1e9f;  // hstu.MASKED
+        }
         #pragma omp for collapse(2) schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             for (int64_t tb = 0; tb < tblocks; tb++) {
                 const int64_t b = bh / H, h = bh % H, t0 = tb * QB;
-                const int64_t nt = C - t0 < QB ? C - t0 : QB;
-                const float *rows = pre + b * C * width;
+                const int64_t nt = T - t0 < QB ? T - t0 : QB;
+                const float *rows = pre + b * T * width;
                 attend_tile(rows + 2 * n + h * DQ, width, k + b * k_b + h * DQ, k_l, v + b * v_b + h * DV, v_l,
-                            bias_rows + b * L, 0, 1, t0, nt, L, rows + 2 * n + H * DQ + h * DQ, rows + n + h * DV,
-                            self_bias, scale, y + b * C * n + h * DV, n);
+                            bias_rows + b * L * tq, per_query, tq, t0, nt, L,
+                            self_attend ? rows + 2 * n + H * DQ + h * DQ : nullptr, rows + n + h * DV, self_bias,
+                            scale, y + b * T * n + h * DV, n);
             }
         }
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < B * C; r++) {
+        for (int64_t r = 0; r < B * T; r++) {
             float *row = y + r * n;
             const float *u = pre + r * width;
             const float mean = row_sum(row, n, 0.0f, false) / n;

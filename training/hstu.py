@@ -215,14 +215,19 @@ class HSTULayer(nn.Module):
         """Residual update from the attention output (..., H, dv)."""
         return x + self.out(self.dropout(self.attn_norm(attended.flatten(-2)) * u))
 
-    def score_fused(self, kernel: native.ScoreLayerKernel, x: Tensor, keys: Tensor, values: Tensor,
-                    buckets: Tensor, lengths: Tensor, self_index: int, scale: float) -> Tensor:
-        """`HSTU.candidate_states`' layer step (eval, no autograd) as two matmuls around one native call: the
-        SiLU, the attention to the cache and to itself, the attention norm, the gate and the residual's bias."""
+    def step_fused(self, kernel: native.LayerKernel, x: Tensor, keys: Tensor, values: Tensor, width: int,
+                   buckets: Tensor, limits: Tensor, write_pos: Tensor | None, self_index: int | None,
+                   scale: float) -> Tensor:
+        """The layer on new tokens x (B, T, D) against one layer's cache keys / values (B, rows, H, d), eval and
+        without autograd, as two matmuls around one native call (`native.Kernels`): the projection's bias and
+        SiLU, the attention (to keys 0 .. width-1 with bias rows from ``buckets`` (B, T or 1, width), keys past
+        ``limits`` (B, T or 1) masked), the attention norm, the gate and the residual's bias. ``write_pos``:
+        the tokens' keys and values are written into the cache at these rows first (an append); ``self_index``:
+        each token also attends to itself with that bias (candidates)."""
         pre = torch.mm(self.input_norm(x).flatten(0, 1), self.uvqk.weight.t())  # the bias goes in with the SiLU
-        y, residual = kernel(pre.view(*x.shape[:2], -1), self.uvqk.bias, keys, values, buckets, lengths,
-                             self.bias.weights(), self_index,
-                             self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps, x, self.out.bias, scale)
+        y, residual = kernel(pre.view(*x.shape[:2], -1), self.uvqk.bias, keys, values, width, buckets, limits,
+                             write_pos, self_index, self.bias.weights(), self.attn_norm.weight, self.attn_norm.bias,
+                             self.attn_norm.eps, x, self.out.bias, scale)
         return torch.addmm(residual.flatten(0, 1), y.flatten(0, 1), self.out.weight.t()).view_as(x)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor) -> Tensor:
@@ -390,11 +395,18 @@ class HSTU(nn.Module):
 
         key_pos = torch.arange(width, device=device)
         distance = new_pos[:, :, None] - key_pos[None, None, :]  # (B, N, W)
-        masked = ~((distance >= 0) & (key_pos[None, None, :] < total[:, None, None]))
-        padding = masked.float() * MASKED
         buckets = RelativeBias.buckets(distance, batch.timestamps[:, :, None] - timestamps[:, None, :], self.config)
         x = self.embed(batch.items, batch.actions)
         scale = 1.0 / self.config.max_len
+        kernel = None if self.training else native.layer_kernel(x, arena.keys, arena.values)
+        if kernel is not None:  # key l visible to new event t where l <= its position and l < the row's total
+            limits = torch.minimum(new_pos + 1, total[:, None])
+            for i, layer in enumerate(self.blocks):
+                x = layer.step_fused(kernel, x, arena.keys[:, i], arena.values[:, i], width, buckets, limits,
+                                     write_pos, None, scale)
+            return x, arena.view(width, total)
+        masked = ~((distance >= 0) & (key_pos[None, None, :] < total[:, None, None]))
+        padding = masked.float() * MASKED
         for i, layer in enumerate(self.blocks):
             u, v, q, k = layer.project(x)
             arena.keys[:, i][rows, write_pos] = k  # a view: written into the arena
@@ -436,12 +448,12 @@ class HSTU(nn.Module):
         self_buckets = RelativeBias.buckets(zero, zero, self.config)
         scale = 1.0 / self.config.max_len
         x = self.embed(candidates, torch.zeros_like(candidates))  # (B, C, D), action unknown
-        kernel = None if self.training else native.score_layer_kernel(x, cache.keys, cache.values)
+        kernel = None if self.training else native.layer_kernel(x, cache.keys, cache.values)
         if kernel is not None:
-            index = int(self_buckets)
+            index, limits = int(self_buckets), cache.lengths[:, None]
             for i, layer in enumerate(self.blocks):
-                x = layer.score_fused(kernel, x, cache.keys[:, i], cache.values[:, i], hist_buckets, cache.lengths,
-                                      index, scale)
+                x = layer.step_fused(kernel, x, cache.keys[:, i], cache.values[:, i], width, hist_buckets[:, None],
+                                     limits, None, index, scale)
             return x
         padding = (key_pos[None, :] >= cache.lengths[:, None]).float() * MASKED  # (B, L)
         for i, layer in enumerate(self.blocks):

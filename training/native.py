@@ -2,8 +2,8 @@
 
 `hstu.attend_cached` spends most of candidate scoring and of a prefill in elementwise passes over the (C or L,
 H, L) scores that ``baddbmm`` writes and ``bmm`` reads back (``benchmarks/results/kv_cache.md``). ``attend_cached.cpp`` fuses the
-whole chain so that the scores never leave L1, and for candidate scoring also everything else a layer does
-between its two matmuls (one call instead of ~20 small ops); it is compiled with the system C++ compiler (``$CXX``, else
+whole chain so that the scores never leave L1, and for new tokens (candidates, appended events) also
+everything else a layer does between its two matmuls (one call instead of ~20 small ops); it is compiled with the system C++ compiler (``$CXX``, else
 ``g++``) and ``-march=native`` into a shared library, cached by a hash of the source, the flags, the compiler and
 the head sizes. Where no compiler works, or for anything the kernel does not cover (autograd, tracing or export,
 another device or dtype), callers keep the eager form: same results, slower. The
@@ -39,21 +39,22 @@ COMPILE_TIMEOUT_S = 300
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _ATTEND_ARGS: list[type] = [*[_PTR] * 5, *[_I64] * 14, _F32, ctypes.c_int]
-_SCORE_ARGS: list[type] = [*[_PTR] * 7, _I64, _PTR, _PTR, _F32, *[_PTR] * 5, *[_I64] * 9, _F32, ctypes.c_int]
+_LAYER_ARGS: list[type] = [*[_PTR] * 5, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _F32, *[_PTR] * 5,
+                           *[_I64] * 9, _F32, ctypes.c_int]
 
 AttendKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
-ScoreLayerKernel = Callable[..., tuple[Tensor, Tensor]]
+LayerKernel = Callable[..., tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
 class Kernels:
     """The compiled entry points for one pair of head sizes: `hstu.attend_cached`, and the whole of
-    `hstu.HSTULayer.score_fused` between its two matmuls (pre, pre_bias, keys, values, buckets, lengths, table,
-    self_index, norm_weight, norm_bias, eps, x, out_bias, scale) -> (y, residual). ``pre``, the input projection
-    without its bias, is overwritten."""
+    `hstu.HSTULayer.step_fused` between its two matmuls: (pre, pre_bias, keys, values, width, buckets, limits,
+    write_pos, self_index, table, norm_weight, norm_bias, eps, x, out_bias, scale) -> (y, residual), as
+    ``layer_step`` in attend_cached.cpp. ``pre``, the input projection without its bias, is overwritten."""
 
     attend: AttendKernel
-    score_layer: ScoreLayerKernel
+    layer_step: LayerKernel
 
 
 _lock = threading.Lock()
@@ -107,10 +108,10 @@ def _build(dq: int, dv: int) -> Path:
 
 def _load(dq: int, dv: int) -> Kernels:
     library = ctypes.CDLL(str(_build(dq, dv)))
-    attend_function, score_function = library.attend_cached, library.score_layer
+    attend_function, layer_function = library.attend_cached, library.layer_step
     attend_function.argtypes = _ATTEND_ARGS  # type: ignore[assignment]
-    score_function.argtypes = _SCORE_ARGS  # type: ignore[assignment]
-    attend_function.restype = score_function.restype = None
+    layer_function.argtypes = _LAYER_ARGS  # type: ignore[assignment]
+    attend_function.restype = layer_function.restype = None
 
     def attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float, causal: bool) -> Tensor:
         b, t, h, _ = q.shape
@@ -125,24 +126,31 @@ def _load(dq: int, dv: int) -> Kernels:
                         int(causal), scale, torch.get_num_threads())
         return out
 
-    def score_layer(pre: Tensor, pre_bias: Tensor, keys: Tensor, values: Tensor, buckets: Tensor, lengths: Tensor,
-                    table: Tensor, self_index: int, norm_weight: Tensor, norm_bias: Tensor, eps: float, x: Tensor,
-                    out_bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        b, c, d = x.shape
-        h, length = keys.shape[2], keys.shape[1]
-        pre, pre_bias, x, buckets, lengths, table, norm_weight, norm_bias, out_bias = (
-            t.contiguous() for t in (pre, pre_bias, x, buckets, lengths, table, norm_weight, norm_bias, out_bias))
-        keys, values = _heads_packed(keys), _heads_packed(values)
-        y, residual = torch.empty((b, c, h * dv), dtype=x.dtype), torch.empty_like(x)
-        rows = torch.empty((b, length), dtype=x.dtype)
-        score_function(pre.data_ptr(), pre_bias.data_ptr(), keys.data_ptr(), values.data_ptr(), buckets.data_ptr(), lengths.data_ptr(),
-                       table.data_ptr(), self_index, norm_weight.data_ptr(), norm_bias.data_ptr(), eps,
-                       x.data_ptr(), out_bias.data_ptr(), y.data_ptr(), residual.data_ptr(), rows.data_ptr(),
-                       b, c, h, length, d, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-                       scale, torch.get_num_threads())
+    def layer_step(pre: Tensor, pre_bias: Tensor, keys: Tensor, values: Tensor, width: int, buckets: Tensor,
+                   limits: Tensor, write_pos: Tensor | None, self_index: int | None, table: Tensor,
+                   norm_weight: Tensor, norm_bias: Tensor, eps: float, x: Tensor, out_bias: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor]:
+        b, t, d = x.shape
+        h = keys.shape[2]
+        per_query = buckets.shape[1] != 1
+        pre, pre_bias, x, buckets, limits, table, norm_weight, norm_bias, out_bias = (
+            a.contiguous() for a in (pre, pre_bias, x, buckets, limits, table, norm_weight, norm_bias, out_bias))
+        if write_pos is not None:
+            write_pos = write_pos.contiguous()
+            assert keys.stride(3) == values.stride(3) == 1 and keys.stride(2) == keys.shape[3]  # written in place
+        else:
+            keys, values = _heads_packed(keys), _heads_packed(values)
+        y, residual = torch.empty((b, t, h * dv), dtype=x.dtype), torch.empty_like(x)
+        rows = torch.empty((b, buckets.shape[1], width), dtype=x.dtype)
+        layer_function(pre.data_ptr(), pre_bias.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                       None if write_pos is None else write_pos.data_ptr(), int(self_index is not None),
+                       buckets.data_ptr(), limits.data_ptr(), int(per_query), table.data_ptr(), self_index or 0,
+                       norm_weight.data_ptr(), norm_bias.data_ptr(), eps, x.data_ptr(), out_bias.data_ptr(),
+                       y.data_ptr(), residual.data_ptr(), rows.data_ptr(), b, t, h, width, d, keys.stride(0),
+                       keys.stride(1), values.stride(0), values.stride(1), scale, torch.get_num_threads())
         return y, residual
 
-    return Kernels(attend, score_layer)
+    return Kernels(attend, layer_step)
 
 
 def _heads_packed(x: Tensor) -> Tensor:
@@ -167,11 +175,11 @@ def attend_kernel(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Atte
     return kernels.attend if kernels is not None else None
 
 
-def score_layer_kernel(x: Tensor, keys: Tensor, values: Tensor) -> ScoreLayerKernel | None:
-    """`Kernels.score_layer` for candidate tokens x (B, C, D) against a cache's keys / values (B, layers, L, H,
-    d), or None where the eager form must run."""
+def layer_kernel(x: Tensor, keys: Tensor, values: Tensor) -> LayerKernel | None:
+    """`Kernels.layer_step` for new tokens x (B, T, D) against a cache's keys / values (B, layers, L, H, d), or
+    None where the eager form must run."""
     kernels = kernel(keys.shape[-1], values.shape[-1]) if _usable((x, keys, values)) else None
-    return kernels.score_layer if kernels is not None else None
+    return kernels.layer_step if kernels is not None else None
 
 
 def kernel(dq: int, dv: int) -> Kernels | None:

@@ -127,7 +127,7 @@ def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("time_buckets", [128, 0])
 def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`HSTU.candidate_states` through `HSTULayer.score_fused` (one native call a layer) against the eager
+    """`HSTU.candidate_states` through `HSTULayer.step_fused` (one native call a layer) against the eager
     layers: several users of different lengths in a padded cache, a partial block of candidates, d_qk != d_v,
     with and without the time bias. Under autograd or in train mode the eager layers run."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -147,7 +147,7 @@ def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypa
     with torch.inference_mode():
         cache, _ = model.prefill(batch)
         request_time = times[:, -1] + 600
-        assert native.score_layer_kernel(model.embed(candidates, candidates * 0), cache.keys, cache.values)
+        assert native.layer_kernel(model.embed(candidates, candidates * 0), cache.keys, cache.values)
         fused = model.candidate_states(cache, candidates, request_time)
         monkeypatch.setenv("GENREC_NATIVE", "0")
         eager = model.candidate_states(cache, candidates, request_time)
@@ -155,7 +155,7 @@ def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypa
     assert (eager - model.embed(candidates, candidates * 0)).abs().max() > 0.1  # the layers did move the tokens
     monkeypatch.undo()
     x = model.embed(candidates, candidates * 0)
-    assert native.score_layer_kernel(x, cache.keys, cache.values) is None  # autograd: x requires grad
+    assert native.layer_kernel(x, cache.keys, cache.values) is None  # autograd: x requires grad
 
 
 def test_without_a_compiler_the_eager_form_runs(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
