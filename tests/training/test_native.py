@@ -125,6 +125,27 @@ def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.M
         assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is None
 
 
+def _random_model(time_buckets: int) -> HSTU:
+    """A small eval-mode HSTU with d_qk != d_v, every parameter re-drawn at std 0.5 (at init the bias tables are
+    zero and the layers near identity, which would hide a wrong term)."""
+    torch.manual_seed(3)
+    config = HSTUConfig(num_items=300, d_model=40, num_layers=2, num_heads=3, d_qk=8, d_v=24, max_len=64,
+                        num_time_buckets=time_buckets)
+    model = HSTU(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5)
+    return model
+
+
+def _histories(lengths: list[int], start: int = 1_600_000_000) -> SequenceBatch:
+    n = max(lengths)
+    items = torch.randint(1, 301, (len(lengths), n))
+    times = torch.cumsum(torch.randint(0, 10**5, (len(lengths), n)), dim=1) + start
+    return SequenceBatch(items=items, actions=torch.zeros_like(items), timestamps=times,
+                         lengths=torch.tensor(lengths))
+
+
 @pytest.mark.parametrize("time_buckets", [128, 0])
 def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """`HSTU.candidate_states` through `HSTULayer.step_fused` (one native call a layer) against the eager
@@ -132,21 +153,12 @@ def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypa
     with and without the time bias. Under autograd or in train mode the eager layers run."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
-    torch.manual_seed(3)
-    config = HSTUConfig(num_items=300, d_model=40, num_layers=2, num_heads=3, d_qk=8, d_v=24, max_len=64,
-                        num_time_buckets=time_buckets)
-    model = HSTU(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # at init the bias tables are zero and the layers near identity
-            parameter.normal_(0, 0.5)
-    lengths = torch.tensor([50, 17, 1])
-    items = torch.randint(1, 301, (3, 50))
-    times = torch.cumsum(torch.randint(0, 10**5, (3, 50)), dim=1) + 1_600_000_000
-    batch = SequenceBatch(items=items, actions=torch.zeros_like(items), timestamps=times, lengths=lengths)
+    model = _random_model(time_buckets)
+    batch = _histories([50, 17, 1])
     candidates = torch.randint(1, 301, (3, 37))
     with torch.inference_mode():
         cache, _ = model.prefill(batch)
-        request_time = times[:, -1] + 600
+        request_time = batch.timestamps[:, -1] + 600
         assert native.layer_kernel(model.embed(candidates, candidates * 0), cache.keys, cache.values)
         fused = model.candidate_states(cache, candidates, request_time)
         monkeypatch.setenv("GENREC_NATIVE", "0")
@@ -178,3 +190,28 @@ def test_autograd_keeps_the_eager_form() -> None:
     out = attend_cached(q, keys, values, torch.zeros(1, 1, 6), 1.0)
     out.sum().backward()  # the kernel has no backward: it must not have run
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("time_buckets", [128, 0])
+def test_fused_append_matches_the_eager_one(time_buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New events appended to cached histories through `HSTULayer.step_fused` (keys and values written into the
+    arena by the native call) against the eager layers: the same outputs and the same cache, for users of
+    different cached lengths each appending a different number of events (padding in the new batch)."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
+    model = _random_model(time_buckets)
+    history, new = _histories([30, 9, 1]), _histories([5, 1, 3], start=1_700_000_000)
+    results = {}
+    with torch.inference_mode():
+        for native_on in ("1", "0"):
+            monkeypatch.setenv("GENREC_NATIVE", native_on)
+            cache, _ = model.prefill(history)
+            extended, user = model.prefill(new, cache)
+            results[native_on] = user, extended
+    (user, cache), (eager_user, eager_cache) = results["1"], results["0"]
+    assert torch.equal(cache.lengths, torch.tensor([35, 10, 4]))
+    assert (user - eager_user).abs().max() < 1e-5
+    for row, length in enumerate(cache.lengths.tolist()):
+        for name in ("keys", "values"):
+            fused, eager = getattr(cache, name)[row, :, :length], getattr(eager_cache, name)[row, :, :length]
+            assert (fused - eager).abs().max() < 1e-5 * eager.abs().max()
