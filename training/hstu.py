@@ -225,7 +225,7 @@ class HSTULayer(nn.Module):
         the tokens' keys and values are written into the cache at these rows first (an append); ``self_index``:
         each token also attends to itself with that bias (candidates)."""
         pre = torch.mm(self.input_norm(x).flatten(0, 1), self.uvqk.weight.t())  # the bias goes in with the SiLU
-        y, residual = kernel(pre.view(*x.shape[:2], -1), self.uvqk.bias, keys, values, width, buckets, limits,
+        y, residual = kernel(pre.view(*x.shape[:2], pre.shape[1]), self.uvqk.bias, keys, values, width, buckets, limits,
                              write_pos, self_index, self.bias.weights(), self.attn_norm.weight, self.attn_norm.bias,
                              self.attn_norm.eps, x, self.out.bias, scale)
         return torch.addmm(residual.flatten(0, 1), y.flatten(0, 1), self.out.weight.t()).view_as(x)

@@ -161,6 +161,7 @@ def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypa
         request_time = batch.timestamps[:, -1] + 600
         assert native.layer_kernel(model.embed(candidates, candidates * 0), cache.keys, cache.values)
         fused = model.candidate_states(cache, candidates, request_time)
+        assert model.candidate_states(cache, candidates[:, :0], request_time).shape == (3, 0, 40)  # none to score
         monkeypatch.setenv("GENREC_NATIVE", "0")
         eager = model.candidate_states(cache, candidates, request_time)
     assert (fused - eager).abs().max() < 1e-5 * eager.abs().max()
