@@ -164,10 +164,7 @@ static inline void silu_row(float *p, const float *bias, int64_t n) {  // p = si
         __builtin_memcpy(p + i, &x, sizeof(vec));
     }
     if (i < n) {
-        vec x = vec{}, b = vec{};
-        __builtin_memcpy(&x, p + i, (n - i) * sizeof(float));
-        __builtin_memcpy(&b, bias + i, (n - i) * sizeof(float));
-        x = silu(x + b);
+        const vec x = silu(load_first(p + i, n - i) + load_first(bias + i, n - i));
         __builtin_memcpy(p + i, &x, (n - i) * sizeof(float));
     }
 }
@@ -192,14 +189,14 @@ static inline float row_sum(const float *p, int64_t n, float shift, bool square)
 // projection before its bias (pre_bias) and SiLU, laid out u | v | q | k, becomes silu(pre + pre_bias) in place.
 // With write_pos (B, T), token t's key and value are then written into the cache (k, v: (B, rows, H, d)) at row
 // write_pos[b, t] (an append: the token attends to itself there). Each token attends to the cache's keys
-// 0 .. L-1 with the bias table[buckets[b, t', l]] where l < limits[b, t'], masked after; per_query: t' = t (B, T,
+// 0 .. L-1 with the bias table[buckets[b, t', l]] where l < limits[b, t'], the bias `masked` after; per_query: t' = t (B, T,
 // L buckets, (B, T) limits), else t' = 0 for every token. With self_attend (candidates), a token also attends to
 // its own key and value with the bias table[self_index]. The result, layer-normed (norm_w, norm_b, eps) and gated
 // by u, goes to y (B*T, H*DV); xb = x + out_bias (B*T, D) is the residual that the output matmul adds to.
 // bias_rows: scratch of B * (T or 1) * L floats.
 extern "C" void layer_step(float *pre, const float *pre_bias, float *k, float *v, const int64_t *write_pos,
                            int64_t self_attend, const int64_t *buckets, const int64_t *limits, int64_t per_query,
-                           const float *table, int64_t self_index, const float *norm_w, const float *norm_b,
+                           float masked, const float *table, int64_t self_index, const float *norm_w, const float *norm_b,
                            float eps, const float *x, const float *out_bias, float *y, float *xb, float *bias_rows,
                            int64_t B, int64_t T, int64_t H, int64_t L, int64_t D, int64_t k_b, int64_t k_l,
                            int64_t v_b, int64_t v_l, float scale, int threads) {
@@ -222,7 +219,7 @@ extern "C" void layer_step(float *pre, const float *pre_bias, float *k, float *v
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * L * tq; i++) {  // stored (b, l, t'): one vector holds 16 queries' bias
             const int64_t b = i / (L * tq), l = i / tq % L, t = i % tq, q = b * tq + t;
-            bias_rows[i] = l < limits[q] ? table[buckets[q * L + l]] : -1e9f;  // hstu.MASKED
+            bias_rows[i] = l < limits[q] ? table[buckets[q * L + l]] : masked;
         }
         #pragma omp for collapse(2) schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {

@@ -193,6 +193,9 @@ class RelativeBias(nn.Module):
         return self._table[1]
 
 
+MASKED = -1e9  # a masked key's bias: SiLU of it is exactly 0, so the mask needs no pass of its own
+
+
 class HSTULayer(nn.Module):
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
@@ -225,8 +228,8 @@ class HSTULayer(nn.Module):
         the tokens' keys and values are written into the cache at these rows first (an append); ``self_index``:
         each token also attends to itself with that bias (candidates)."""
         pre = torch.mm(self.input_norm(x).flatten(0, 1), self.uvqk.weight.t())  # the bias goes in with the SiLU
-        y, residual = kernel(pre.view(*x.shape[:2], pre.shape[1]), self.uvqk.bias, keys, values, width, buckets, limits,
-                             write_pos, self_index, self.bias.weights(), self.attn_norm.weight, self.attn_norm.bias,
+        y, residual = kernel(pre.view(*x.shape[:2], pre.shape[1]), self.uvqk.bias, keys, values, width, buckets,
+                             limits, MASKED, write_pos, self_index, self.bias.weights(), self.attn_norm.weight, self.attn_norm.bias,
                              self.attn_norm.eps, x, self.out.bias, scale)
         return torch.addmm(residual.flatten(0, 1), y.flatten(0, 1), self.out.weight.t()).view_as(x)
 
@@ -235,9 +238,6 @@ class HSTULayer(nn.Module):
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) + bias[:, None]
         weights = F.silu(scores) * mask[:, None] / self.config.max_len
         return torch.einsum("bhqk,bkhd->bqhd", weights, v)  # no attention dropout, as in the paper's code
-
-
-MASKED = -1e9  # a masked key's bias: SiLU of it is exactly 0, so the mask needs no pass of its own
 
 
 def attend_cached(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float, causal: bool = False) -> Tensor:

@@ -1,13 +1,14 @@
 """Fused CPU kernels, compiled on first use for the machine that runs them.
 
 `hstu.attend_cached` spends most of candidate scoring and of a prefill in elementwise passes over the (C or L,
-H, L) scores that ``baddbmm`` writes and ``bmm`` reads back (``benchmarks/results/kv_cache.md``). ``attend_cached.cpp`` fuses the
-whole chain so that the scores never leave L1, and for new tokens (candidates, appended events) also
-everything else a layer does between its two matmuls (one call instead of ~20 small ops); it is compiled with the system C++ compiler (``$CXX``, else
-``g++``) and ``-march=native`` into a shared library, cached by a hash of the source, the flags, the compiler and
-the head sizes. Where no compiler works, or for anything the kernel does not cover (autograd, tracing or export,
-another device or dtype), callers keep the eager form: same results, slower. The
-kernel links OpenMP, and inside a process that has imported torch it shares torch's own OpenMP runtime.
+H, L) scores that ``baddbmm`` writes and ``bmm`` reads back (``benchmarks/results/kv_cache.md``).
+``attend_cached.cpp`` fuses the whole chain so that the scores never leave L1, and for new tokens (candidates,
+appended events) also everything else a layer does between its two matmuls (one call instead of ~20 small ops).
+It is compiled with the system C++ compiler (``$CXX``, else ``g++``) and ``-march=native`` into a shared library,
+cached by a hash of the source, the flags, the compiler and the head sizes. Where no compiler works, or for
+anything the kernels do not cover (autograd, tracing or export, another device or dtype), callers keep the eager
+form: same results, slower. The library links OpenMP, and inside a process that has imported torch it shares
+torch's own OpenMP runtime.
 
 Environment: ``GENREC_NATIVE=0`` turns the kernels off; ``GENREC_KERNEL_CACHE`` is where libraries go
 (default ``~/.cache/genrec/kernels``, else a folder under the temporary directory when home is read-only).
@@ -39,7 +40,7 @@ COMPILE_TIMEOUT_S = 300
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _ATTEND_ARGS: list[type] = [*[_PTR] * 5, *[_I64] * 14, _F32, ctypes.c_int]
-_LAYER_ARGS: list[type] = [*[_PTR] * 5, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _F32, *[_PTR] * 5,
+_LAYER_ARGS: list[type] = [*[_PTR] * 5, _I64, _PTR, _PTR, _I64, _F32, _PTR, _I64, _PTR, _PTR, _F32, *[_PTR] * 5,
                            *[_I64] * 9, _F32, ctypes.c_int]
 
 AttendKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
@@ -50,7 +51,7 @@ LayerKernel = Callable[..., tuple[Tensor, Tensor]]
 class Kernels:
     """The compiled entry points for one pair of head sizes: `hstu.attend_cached`, and the whole of
     `hstu.HSTULayer.step_fused` between its two matmuls: (pre, pre_bias, keys, values, width, buckets, limits,
-    write_pos, self_index, table, norm_weight, norm_bias, eps, x, out_bias, scale) -> (y, residual), as
+    masked, write_pos, self_index, table, norm_weight, norm_bias, eps, x, out_bias, scale) -> (y, residual), as
     ``layer_step`` in attend_cached.cpp. ``pre``, the input projection without its bias, is overwritten."""
 
     attend: AttendKernel
@@ -127,7 +128,7 @@ def _load(dq: int, dv: int) -> Kernels:
         return out
 
     def layer_step(pre: Tensor, pre_bias: Tensor, keys: Tensor, values: Tensor, width: int, buckets: Tensor,
-                   limits: Tensor, write_pos: Tensor | None, self_index: int | None, table: Tensor,
+                   limits: Tensor, masked: float, write_pos: Tensor | None, self_index: int | None, table: Tensor,
                    norm_weight: Tensor, norm_bias: Tensor, eps: float, x: Tensor, out_bias: Tensor,
                    scale: float) -> tuple[Tensor, Tensor]:
         b, t, d = x.shape
@@ -144,7 +145,7 @@ def _load(dq: int, dv: int) -> Kernels:
         rows = torch.empty((b, buckets.shape[1], width), dtype=x.dtype)
         layer_function(pre.data_ptr(), pre_bias.data_ptr(), keys.data_ptr(), values.data_ptr(),
                        None if write_pos is None else write_pos.data_ptr(), int(self_index is not None),
-                       buckets.data_ptr(), limits.data_ptr(), int(per_query), table.data_ptr(), self_index or 0,
+                       buckets.data_ptr(), limits.data_ptr(), int(per_query), masked, table.data_ptr(), self_index or 0,
                        norm_weight.data_ptr(), norm_bias.data_ptr(), eps, x.data_ptr(), out_bias.data_ptr(),
                        y.data_ptr(), residual.data_ptr(), rows.data_ptr(), b, t, h, width, d, keys.stride(0),
                        keys.stride(1), values.stride(0), values.stride(1), scale, torch.get_num_threads())

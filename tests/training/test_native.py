@@ -125,12 +125,17 @@ def test_serving_calls_take_the_kernel_and_the_rest_do_not(monkeypatch: pytest.M
         assert native.attend_kernel(q, keys, values, torch.zeros(1, 1, 5)) is None
 
 
-def _random_model(time_buckets: int) -> HSTU:
-    """A small eval-mode HSTU with d_qk != d_v, every parameter re-drawn at std 0.5 (at init the bias tables are
-    zero and the layers near identity, which would hide a wrong term)."""
+# (heads, d_qk, d_v): d_qk != d_v; the paper preset's one head of 50, whose rows (200 and 50 floats) end in a
+# partial vector
+HEADS = [(3, 8, 24), (1, 50, 50)]
+
+
+def _random_model(time_buckets: int, heads: tuple[int, int, int]) -> HSTU:
+    """A small eval-mode HSTU, every parameter re-drawn at std 0.5 (at init the bias tables are zero and the
+    layers near identity, which would hide a wrong term)."""
     torch.manual_seed(3)
-    config = HSTUConfig(num_items=300, d_model=40, num_layers=2, num_heads=3, d_qk=8, d_v=24, max_len=64,
-                        num_time_buckets=time_buckets)
+    config = HSTUConfig(num_items=300, d_model=40, num_layers=2, num_heads=heads[0], d_qk=heads[1], d_v=heads[2],
+                        max_len=64, num_time_buckets=time_buckets)
     model = HSTU(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -146,14 +151,16 @@ def _histories(lengths: list[int], start: int = 1_600_000_000) -> SequenceBatch:
                          lengths=torch.tensor(lengths))
 
 
+@pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("time_buckets", [128, 0])
-def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_candidate_layers_match_the_eager_ones(time_buckets: int, heads: tuple[int, int, int],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`HSTU.candidate_states` through `HSTULayer.step_fused` (one native call a layer) against the eager
-    layers: several users of different lengths in a padded cache, a partial block of candidates, d_qk != d_v,
+    layers: several users of different lengths in a padded cache, a partial block of candidates, the HEADS sizes,
     with and without the time bias. Under autograd or in train mode the eager layers run."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
-    model = _random_model(time_buckets)
+    model = _random_model(time_buckets, heads)
     batch = _histories([50, 17, 1])
     candidates = torch.randint(1, 301, (3, 37))
     with torch.inference_mode():
@@ -193,14 +200,16 @@ def test_autograd_keeps_the_eager_form() -> None:
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("time_buckets", [128, 0])
-def test_fused_append_matches_the_eager_one(time_buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_append_matches_the_eager_one(time_buckets: int, heads: tuple[int, int, int],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """New events appended to cached histories through `HSTULayer.step_fused` (keys and values written into the
     arena by the native call) against the eager layers: the same outputs and the same cache, for users of
     different cached lengths each appending a different number of events (padding in the new batch)."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler on this machine: the fused kernel is optional")
-    model = _random_model(time_buckets)
+    model = _random_model(time_buckets, heads)
     history, new = _histories([30, 9, 1]), _histories([5, 1, 3], start=1_700_000_000)
     results = {}
     with torch.inference_mode():
