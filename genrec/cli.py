@@ -57,7 +57,7 @@ def train_config(args: argparse.Namespace):
     from genrec.training.trainer import TrainConfig
 
     return config_from_args(
-        TrainConfig, args, loss=LossConfig(kind=args.loss, high_rating=args.high_rating),
+        TrainConfig, args, loss=LossConfig(kind=args.loss, high_rating=args.high_rating, exclude_seen=not args.keep_history),
         progress=not args.no_progress, eval=EvalConfig(exclude_history=not args.keep_history),
         popularity=PopularityConfig(enabled=not args.no_popularity),
     )
@@ -104,7 +104,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--keep-history", action="store_true",
                    help="keep the user's history items in the full ranking (default: excluded, as the HSTU and "
-                   "SASRec papers evaluate)")
+                   "SASRec papers evaluate), and in the retrieval loss's softmax")
     g.add_argument("--no-popularity", action="store_true",
                    help="HSTU's ranking head without the candidates' recent-popularity features")
     g.add_argument("--out", type=Path, default=Path("runs/hstu"), help="run folder (checkpoint, metrics.csv)")

@@ -137,7 +137,8 @@ def test_every_flag_reaches_its_config(tmp_path) -> None:
                   "--no-popularity", "--out", "o", "--resume", "--no-progress")
     assert train_config(train) == TrainConfig(
         model="sasrec", preset="tiny", max_len=7, epochs=3, batch_size=5, lr=0.1,
-        loss=LossConfig(kind="sampled", high_rating=2.0), patience=4, min_epochs=1, max_minutes=2.0, seed=9,
+        loss=LossConfig(kind="sampled", high_rating=2.0, exclude_seen=False), patience=4, min_epochs=1,
+        max_minutes=2.0, seed=9,
         device="cpu", eval=EvalConfig(exclude_history=False), popularity=PopularityConfig(enabled=False),
         out=Path("o"), resume=True, progress=False,
     )

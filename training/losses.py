@@ -24,6 +24,10 @@ class LossConfig:
     num_negatives: int = 128  # sampled: uniform negatives shared by the batch
     in_batch_negatives: bool = False  # sampled: also the batch's own targets (Meta's ML-1M recipe: uniform only)
     temperature: float = 0.05
+    # leave the items already in the history out of each position's softmax (the target itself stays): neither
+    # `recommend` nor the default protocol ranks them, so the objective need not spend itself pushing them down
+    # (off with `genrec train --keep-history`, whose protocol ranks them)
+    exclude_seen: bool = True
     # cut points per batch for the ranking objective, spread evenly over its sequences (>= 1 each); each cut
     # copies its history's K/V, so this bounds the objective's memory whatever the batch size
     rank_cut_points: int = 256
@@ -58,39 +62,65 @@ def next_item_targets(batch: SequenceBatch) -> tuple[Tensor, Tensor]:
     return targets, mask
 
 
+@dataclass(frozen=True)
+class SeenItems:
+    """Which items each training position has already had: the events up to and including it."""
+
+    items: Tensor  # (B, T) the batch's item ids, right-padded with 0
+    mask: Tensor  # (B, T) the positions with a target (`next_item_targets`), the loss's rows in order
+
+    def among(self, candidates: Tensor) -> Tensor:
+        """(M,) item ids -> (P, M) bool: the candidate is in the history of the loss's row p. Costs B·T·M, the
+        order of the logits it masks (the whole catalogue for the full softmax, the negatives for sampled)."""
+        t = self.items.shape[1]
+        steps = torch.arange(t, dtype=torch.int32, device=self.items.device)
+        first = torch.where(self.items[..., None] == candidates, steps[:, None], t).amin(1)  # (B, M)
+        return (first[:, None, :] <= steps[None, :, None])[self.mask]
+
+
 def uses_full_softmax(config: LossConfig, num_items: int) -> bool:
     return config.kind == "full" or (config.kind == "auto" and num_items <= config.full_max_items)
 
 
 def describe_loss(config: LossConfig, num_items: int) -> str:
+    seen = ", the history's items left out" if config.exclude_seen else ""
     if uses_full_softmax(config, num_items):
-        return f"full softmax over {num_items:,} items"
+        return f"full softmax over {num_items:,} items{seen}"
     extra = " and in-batch" if config.in_batch_negatives else ""
-    return f"sampled softmax, {config.num_negatives} uniform{extra} negatives of {num_items:,} items"
+    return f"sampled softmax, {config.num_negatives} uniform{extra} negatives of {num_items:,} items{seen}"
 
 
 def retrieval_loss(
-    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator
+    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator,
+    seen: SeenItems | None = None,
 ) -> Tensor:
-    """The next-item objective. user (P, D) L2-normalised, targets (P,) dense ids, item_table (N+1, D) -> scalar."""
+    """The next-item objective. user (P, D) L2-normalised, targets (P,) dense ids, item_table (N+1, D),
+    seen: each row's history, whose items are no class of that row (its target excepted) -> scalar."""
     if uses_full_softmax(config, item_table.shape[0] - 1):
-        return full_softmax_loss(user, targets, item_table, config)
-    return sampled_softmax_loss(user, targets, item_table, config, generator)
+        return full_softmax_loss(user, targets, item_table, config, seen)
+    return sampled_softmax_loss(user, targets, item_table, config, generator, seen)
 
 
-def full_softmax_loss(user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig) -> Tensor:
+def full_softmax_loss(
+    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, seen: SeenItems | None = None
+) -> Tensor:
     """Cross-entropy over every item (row 0, padding, is never a class). Shapes as in `retrieval_loss`."""
     logits = user @ item_table[1:].T / config.temperature  # (P, N)
+    if seen is not None:
+        items = torch.arange(1, item_table.shape[0], device=targets.device)
+        masked = seen.among(items).scatter_(1, (targets - 1)[:, None], False)  # a repeated target stays
+        logits = logits.masked_fill(masked, float("-inf"))
     return F.cross_entropy(logits, targets - 1)
 
 
 def sampled_softmax_loss(
-    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator
+    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator,
+    seen: SeenItems | None = None,
 ) -> Tensor:
     """Sampled softmax. Shapes as in `retrieval_loss`.
 
     Negatives are uniform items shared by the batch, plus (`in_batch_negatives`) the batch's distinct targets;
-    a negative equal to the row's own target is masked out rather than counted as wrong.
+    a negative equal to the row's own target, or `seen` in its row, is masked out rather than counted as wrong.
     """
     num_items = item_table.shape[0] - 1
     uniform = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(targets.device)
@@ -98,6 +128,8 @@ def sampled_softmax_loss(
     positive_logits = (user * item_table[targets]).sum(-1, keepdim=True)  # (P, 1)
     negative_logits = user @ item_table[negatives].T  # (P, M)
     negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    if seen is not None:
+        negative_logits = negative_logits.masked_fill(seen.among(negatives), float("-inf"))
     logits = torch.cat([positive_logits, negative_logits], dim=1) / config.temperature
     return F.cross_entropy(logits, torch.zeros_like(targets))
 

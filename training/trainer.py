@@ -34,6 +34,7 @@ from genrec.training.flops import train_step_flops
 from genrec.training.hstu import HSTU, HSTUConfig
 from genrec.training.losses import (
     LossConfig,
+    SeenItems,
     describe_loss,
     high_ratings,
     next_item_targets,
@@ -192,7 +193,8 @@ class TrainStep(nn.Module):
         else:
             user = self.model.encode(batch)
         table = self.model.item_table()
-        terms = {"retrieval": retrieval_loss(user[mask], targets[mask], table, self.loss, generator)}
+        seen = SeenItems(batch.items, mask) if self.loss.exclude_seen else None
+        terms = {"retrieval": retrieval_loss(user[mask], targets[mask], table, self.loss, generator, seen)}
         if isinstance(self.model, HSTU):
             terms["ranking"] = ranking_loss(self.model, batch, user, cache, self.high_rating, self.loss, generator)
         return terms

@@ -12,8 +12,10 @@ from genrec.training.flops import encoder_forward_flops, train_step_flops
 from genrec.training.hstu import HSTUConfig
 from genrec.training.losses import (
     LossConfig,
+    SeenItems,
     full_softmax_loss,
     high_ratings,
+    next_item_targets,
     retrieval_loss,
     uses_full_softmax,
 )
@@ -34,6 +36,38 @@ def test_full_softmax_is_cross_entropy_over_every_item_and_never_the_padding() -
     moved[0] = user[0]
     assert torch.allclose(full_softmax_loss(user, targets, moved, config), expected, atol=1e-6)
     assert torch.allclose(retrieval_loss(user, targets, table, config, g), expected, atol=1e-6)
+
+
+def test_seen_items_are_each_positions_history_and_leave_the_softmax_but_a_repeated_target_stays() -> None:
+    items = torch.tensor([[3, 1, 3, 2, 0], [2, 4, 0, 0, 0]])  # right-padded; row 0 repeats item 3
+    batch = SequenceBatch(items=items, timestamps=torch.zeros_like(items), actions=torch.zeros_like(items),
+                          lengths=torch.tensor([4, 2]))
+    targets, mask = next_item_targets(batch)
+    seen = SeenItems(batch.items, mask)
+    assert targets[mask].tolist() == [1, 3, 2, 4]
+    assert seen.among(torch.tensor([4, 2])).tolist() == [[False, False], [False, False], [False, False], [False, True]]
+    assert seen.among(torch.arange(1, 5)).tolist() == [[False, False, True, False],  # history (3) -> 1
+                             [True, False, True, False],  # (3, 1) -> 3, a repeat
+                             [True, False, True, False],  # (3, 1, 3) -> 2
+                             [False, True, False, False]]  # (2) -> 4
+    g = torch.Generator().manual_seed(0)
+    table = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    user = F.normalize(torch.randn(4, 4, generator=g), dim=-1)
+    config = LossConfig(kind="full", temperature=0.5)
+    logits = user @ table[1:].T / 0.5
+    # every row keeps its target; the repeated 3 of row 1 is its target, so only item 1 leaves that row
+    keep = ~seen.among(torch.arange(1, 5)).scatter(1, (targets[mask] - 1)[:, None], False)
+    expected = torch.stack([logits[r, t - 1] - logits[r][keep[r]].logsumexp(0)
+                            for r, t in enumerate(targets[mask].tolist())])
+    assert torch.allclose(retrieval_loss(user, targets[mask], table, config, g, seen), -expected.mean(), atol=1e-6)
+    # sampled: a drawn negative in the row's history counts as no negative at all
+    one_hot = torch.eye(5)
+    sampled = LossConfig(kind="sampled", num_negatives=32, temperature=1.0)
+    row = SeenItems(torch.tensor([[2, 0]]), torch.tensor([[True, False]]))  # item 2 seen; the user is item 1
+    loss = retrieval_loss(one_hot[1:2], torch.tensor([1]), one_hot, sampled, torch.Generator().manual_seed(0), row)
+    drawn = torch.randint(1, 5, (32,), generator=torch.Generator().manual_seed(0))
+    others = int(((drawn == 3) | (drawn == 4)).sum())
+    assert loss.item() == pytest.approx(float(torch.log1p(torch.tensor(others * torch.e**-1.0))), abs=1e-5)
 
 
 def test_auto_takes_the_full_softmax_only_where_the_catalogue_fits() -> None:
