@@ -70,12 +70,16 @@ class SeenItems:
     mask: Tensor  # (B, T) the positions with a target (`next_item_targets`), the loss's rows in order
 
     def among(self, candidates: Tensor) -> Tensor:
-        """(M,) item ids -> (P, M) bool: the candidate is in the history of the loss's row p. Costs B·T·M, the
-        order of the logits it masks (the whole catalogue for the full softmax, the negatives for sampled)."""
-        t = self.items.shape[1]
-        steps = torch.arange(t, dtype=torch.int32, device=self.items.device)
-        first = torch.where(self.items[..., None] == candidates, steps[:, None], t).amin(1)  # (B, M)
-        return (first[:, None, :] <= steps[None, :, None])[self.mask]
+        """(M,) item ids -> (P, M) bool: the candidate is in the history of the loss's row p."""
+        b, t = self.items.shape
+        steps = torch.arange(t, device=self.items.device).expand(b, t)
+        ids = int(max(int(candidates.max()), int(self.items.max()))) + 1
+        if ids <= t * candidates.numel():  # the whole catalogue (full softmax): each id's first position, scattered
+            table = torch.full((b, ids), t, dtype=torch.long, device=steps.device)
+            first = table.scatter_reduce_(1, self.items, steps, "amin")[:, candidates]  # (B, M)
+        else:  # a few negatives of a large catalogue: compare them with the events, B·T·M
+            first = torch.where(self.items[..., None] == candidates, steps[..., None], t).amin(1)
+        return (first[:, None, :] <= steps[0, None, :, None])[self.mask]
 
 
 def uses_full_softmax(config: LossConfig, num_items: int) -> bool:
