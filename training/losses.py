@@ -113,7 +113,7 @@ def full_softmax_loss(
     if seen is not None:
         items = torch.arange(1, item_table.shape[0], device=targets.device)
         masked = seen.among(items).scatter_(1, (targets - 1)[:, None], False)  # a repeated target stays
-        logits = logits.masked_fill(masked, float("-inf"))
+        logits.masked_fill_(masked, float("-inf"))  # in place: (P, N) is the step's largest tensor
     return F.cross_entropy(logits, targets - 1)
 
 
@@ -131,9 +131,9 @@ def sampled_softmax_loss(
     negatives = torch.cat([uniform, targets.unique()]) if config.in_batch_negatives else uniform  # (M,)
     positive_logits = (user * item_table[targets]).sum(-1, keepdim=True)  # (P, 1)
     negative_logits = user @ item_table[negatives].T  # (P, M)
-    negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    negative_logits.masked_fill_(negatives[None, :] == targets[:, None], float("-inf"))
     if seen is not None:
-        negative_logits = negative_logits.masked_fill(seen.among(negatives), float("-inf"))
+        negative_logits.masked_fill_(seen.among(negatives), float("-inf"))
     logits = torch.cat([positive_logits, negative_logits], dim=1) / config.temperature
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
