@@ -181,9 +181,17 @@ def test_serve_forwards_sigint_and_the_server_is_gone(tmp_path: Path) -> None:
         np.testing.assert_array_equal(_infer(running.url, np.array([1], dtype=np.int64)), [4])
         os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C would
 
-    assert serve(_config(tmp_path / "repository", tmp_path), ready_callback=interrupt) == 0
+    def ours(signum: int, frame: object) -> None:
+        raise AssertionError("serve's handler should have had the SIGINT")
+
+    # a handler of our own beforehand, not the inherited one: a shell's background job starts with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        assert serve(_config(tmp_path / "repository", tmp_path), ready_callback=interrupt) == 0
+        assert signal.getsignal(signal.SIGINT) is ours  # put back as serve found it
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert seen[0].pid is not None and not _is_running(seen[0].pid)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def _stubs(pgid: int) -> dict[int, list[str]]:
