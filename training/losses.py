@@ -109,11 +109,14 @@ def full_softmax_loss(
     user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, seen: SeenItems | None = None
 ) -> Tensor:
     """Cross-entropy over every item (row 0, padding, is never a class). Shapes as in `retrieval_loss`."""
-    logits = user @ item_table[1:].T / config.temperature  # (P, N)
+    logits = (user / config.temperature) @ item_table[1:].T  # (P, N), the step's largest tensor: scaled via (P, D)
     if seen is not None:
         items = torch.arange(1, item_table.shape[0], device=targets.device)
         masked = seen.among(items).scatter_(1, (targets - 1)[:, None], False)  # a repeated target stays
-        logits.masked_fill_(masked, float("-inf"))  # in place: (P, N) is the step's largest tensor
+        # In place and unrecorded: the softmax gives a -inf logit zero gradient already, so autograd need not
+        # mask (and copy) the (P, N) gradient again; the matmul's backward reads its inputs, not this output.
+        with torch.no_grad():
+            logits.masked_fill_(masked, float("-inf"))
     return F.cross_entropy(logits, targets - 1)
 
 
@@ -129,12 +132,13 @@ def sampled_softmax_loss(
     num_items = item_table.shape[0] - 1
     uniform = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(targets.device)
     negatives = torch.cat([uniform, targets.unique()]) if config.in_batch_negatives else uniform  # (M,)
+    user = user / config.temperature  # (P, D): cheaper than scaling the (P, 1 + M) logits
     positive_logits = (user * item_table[targets]).sum(-1, keepdim=True)  # (P, 1)
     negative_logits = user @ item_table[negatives].T  # (P, M)
     negative_logits.masked_fill_(negatives[None, :] == targets[:, None], float("-inf"))
     if seen is not None:
         negative_logits.masked_fill_(seen.among(negatives), float("-inf"))
-    logits = torch.cat([positive_logits, negative_logits], dim=1) / config.temperature
+    logits = torch.cat([positive_logits, negative_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
 

@@ -52,14 +52,18 @@ def test_seen_items_are_each_positions_history_and_leave_the_softmax_but_a_repea
                              [False, True, False, False]]  # (2) -> 4
     g = torch.Generator().manual_seed(0)
     table = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
-    user = F.normalize(torch.randn(4, 4, generator=g), dim=-1)
+    user = F.normalize(torch.randn(4, 4, generator=g), dim=-1).requires_grad_()
     config = LossConfig(kind="full", temperature=0.5)
     logits = user @ table[1:].T / 0.5
     # every row keeps its target; the repeated 3 of row 1 is its target, so only item 1 leaves that row
     keep = ~seen.among(torch.arange(1, 5)).scatter(1, (targets[mask] - 1)[:, None], False)
-    expected = torch.stack([logits[r, t - 1] - logits[r][keep[r]].logsumexp(0)
-                            for r, t in enumerate(targets[mask].tolist())])
-    assert torch.allclose(retrieval_loss(user, targets[mask], table, config, g, seen), -expected.mean(), atol=1e-6)
+    expected = -torch.stack([logits[r, t - 1] - logits[r][keep[r]].logsumexp(0)
+                             for r, t in enumerate(targets[mask].tolist())]).mean()
+    loss = retrieval_loss(user, targets[mask], table, config, g, seen)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # and so is its gradient: a left-out item pulls no row
+    (grad,), (expected_grad,) = torch.autograd.grad(loss, user), torch.autograd.grad(expected, user)
+    assert torch.allclose(grad, expected_grad, atol=1e-6) and grad.abs().sum() > 0
     # sampled: a drawn negative in the row's history counts as no negative at all
     one_hot = torch.eye(5)
     sampled = LossConfig(kind="sampled", num_negatives=32, temperature=1.0)
