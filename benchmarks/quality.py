@@ -145,8 +145,9 @@ def ml1m_epoch_seconds(model: str, batch_size: int) -> tuple[float, int]:
     from genrec.training.batch import SequenceBatch
     from genrec.training.losses import next_item_targets, retrieval_loss
     from genrec.training.sequences import build_sequences, leave_one_out
-    from genrec.training.trainer import make_model, train_set_batches
+    from genrec.training.trainer import keep_freed_host_memory, make_model, train_set_batches
 
+    keep_freed_host_memory()  # as `train` does on a CPU
     data = build_sequences(ml1m_shaped())
     train = leave_one_out(data).train
     config = TrainConfig(model=model, batch_size=batch_size, progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import ctypes
 import dataclasses
 import json
 import math
@@ -216,6 +217,24 @@ def init_distributed() -> bool:
     return True
 
 
+def keep_freed_host_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; True if set.
+
+    A step's largest tensors, the (positions, catalogue) logits and their gradient (43 MB for one ML-100K
+    batch, hundreds of MB on larger catalogues), are over glibc's 32 MB mmap ceiling, so each was a fresh
+    mapping whose page faults cost more than the arithmetic done on it: an ML-1M-shaped HSTU step took 30%
+    less time without them. The cost: what the process freed stays mapped, up to its peak, which a training
+    process reaches again at every step. Linux glibc only; elsewhere nothing changes.
+    """
+    if sys.platform != "linux":
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -238,6 +257,8 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     is_main = rank == 0
     seed_everything(config.seed)
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()
     out = Path(config.out)
     model = make_model(config, data).to(device)
     high_rating = torch.as_tensor(high_ratings(data.action_values, config.loss), dtype=torch.bool)
