@@ -231,7 +231,7 @@ def test_an_averaged_run_checkpoints_the_weights_it_validated_and_resumes_to_the
 
 
 # One full-softmax step over (2,000 x 5,000) logits, 40 MB: over glibc's mmap ceiling, so each fresh tensor
-# used to be a new mapping and page faults; prints the minor page faults of each of six steps.
+# used to be a new mapping and page faults; prints the minor page faults of each of 16 steps.
 STEP_FAULTS = """
 import resource, sys
 import torch
@@ -244,7 +244,7 @@ g = torch.Generator().manual_seed(0)
 table = F.normalize(torch.randn(5001, 16, generator=g), dim=-1).requires_grad_()
 user = F.normalize(torch.randn(2000, 16, generator=g), dim=-1)
 targets = torch.randint(1, 5001, (2000,), generator=g)
-for _ in range(6):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     full_softmax_loss(user, targets, table, LossConfig(kind="full")).backward()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -257,5 +257,8 @@ def test_kept_host_memory_lets_repeated_steps_reuse_their_large_tensors_without_
         run = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
         faults[mode] = [int(line) for line in run.stdout.split()]
-    steady = {mode: sum(counts[-2:]) for mode, counts in faults.items()}  # after the heap has grown to the peak
-    assert steady["keep"] * 10 < steady["default"], faults
+    # The kept heap still grows by a tensor or a few now and then: in 12 runs of 20 steps, in each run's first
+    # 3-7 steps and in 5 runs once more (steps 11-14). Over the last 6 of 16 steps that is at most one such
+    # step, against glibc's own mapping at every one of them.
+    steady = {mode: sum(counts[-6:]) for mode, counts in faults.items()}
+    assert steady["keep"] * 4 < steady["default"], faults
