@@ -13,7 +13,8 @@ and without it (cache off, the same stream). Untrained weights of the reference 
    request (counted as in `genrec.benchmarks.kv_cache`) and the GFLOP/s they ran at, beside the machine's
    measured fp32 matmul peak;
 2. Triton vs the same work in process (`load_handler("recommender")` of the same repository, its own
-   cache), concurrency 1, requests interleaved, for the reference model and the small (paper) one;
+   cache) and a `recommender` that does nothing (the floor), concurrency 1, interleaved in blocks, for
+   the reference model and the small (paper) one;
 3. a budget that holds ~1/10 of the users: the bytes in use read from the metrics port never exceed it,
    the hit rate, and the recommender process's resident memory.
 
@@ -28,7 +29,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from genrec.benchmarks.common import (
 from genrec.benchmarks.reliability import rss_mb_by_process
 from genrec.benchmarks.servers import running_servers, save_untrained
 from genrec.builders.build import BuildConfig, build_repository
-from genrec.builders.handlers import load_handler
+from genrec.builders.handlers import Handler, load_handler
 from genrec.builders.model_config import read_config
 from genrec.client import RecommendClient, protocol
 from genrec.training.checkpoint import load_checkpoint
@@ -63,7 +64,7 @@ class UserCacheBenchConfig:
     concurrency: tuple[int, ...] = (1, 16)
     users: int = 32  # returning users per run (each run its own, starting at L events)
     requests_per_user: int = 6  # timed requests per user per run, after one untimed first visit
-    overhead_requests: int = 40  # Triton vs in process, each
+    overhead_requests: int = 160  # Triton vs in process vs the floor, each (3 of 4 timed)
     overhead_length: int = 200
     max_append: int = 5
     k: int = 10
@@ -224,13 +225,6 @@ def send_visits(client: RecommendClient, stream: Stream, k: int, visits: range) 
     return times
 
 
-def floor_ms(url: str, stream: Stream, k: int) -> float:
-    """Median ms of the returning visits of ``stream`` on a `floor_repository`'s server."""
-    with RecommendClient(url, timeout_s=300) as client:
-        send_visits(client, stream, k, range(1))
-        return float(np.median(send_visits(client, stream, k, range(1, stream.ends.shape[1]))) * 1e3)
-
-
 def server_time_ms(url: str, models: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
     """Triton's cumulative per-model statistics: phase -> (count, ns)."""
     import tritonclient.grpc as grpcclient
@@ -248,51 +242,84 @@ def phase_ms(before: dict, after: dict, model: str, phase: str) -> float:
     return (after[model][phase][1] - before[model][phase][1]) / max(count, 1) / 1e6
 
 
-def in_process_vs_triton(url: str, repository: Path, stream: Stream, cfg: UserCacheBenchConfig) -> dict[str, float]:
-    """Median ms of the same cached stream through Triton, then through the recommender in this process (the
-    same repository, its own cache): one after the other, so that neither one's threads (OpenMP spins for a
-    while after each parallel region) slow the other down. First visits (whole histories) are not counted."""
+def call_in_process(handler: Handler, stream: Stream, k: int, visits: range) -> list[float]:
+    """`send_visits` for a `recommender` handler in this process: the arrays Triton would hand it."""
+    times = []
+    for visit in visits:
+        for user in range(stream.items.shape[0]):
+            kwargs = stream.request(user, visit)
+            arrays = {
+                protocol.HISTORY_ITEM_IDS: kwargs["user_seq"][None],
+                protocol.HISTORY_TIMESTAMPS: kwargs["timestamps"][None],
+                protocol.HISTORY_ACTIONS: kwargs["actions"][None],
+                protocol.K: np.array([[k]], np.int32),
+                protocol.EXCLUDE_SEEN: np.array([[True]]),
+                protocol.USER_ID: np.array([[f"overhead-{user}".encode()]], dtype=np.object_),
+            }
+            began = time.perf_counter()
+            (result,) = handler.execute([arrays])
+            times.append(time.perf_counter() - began)
+            assert not isinstance(result, Exception), result
+    return times
+
+
+# The interleaved comparison runs each arm for a block of visits at a time: a pause first (a request's OpenMP
+# threads spin for a while after its last parallel region, libgomp's default spin count, a few ms, and would slow
+# the next arm's first request), then one untimed visit (the first requests after an idle spell run up to 1.5x
+# slower, on this VM in process too), then the timed ones back to back, as a closed loop sends them.
+ARM_PAUSE_S = 0.05
+BLOCK_VISITS = 4
+
+
+def in_process_vs_triton(url: str, floor_url: str, repository: Path, stream: Stream,
+                         cfg: UserCacheBenchConfig) -> dict[str, float]:
+    """Median ms of the same cached stream through Triton, through the recommender in this process (the same
+    repository, its own cache) and through the `floor_repository`'s server, interleaved in blocks of
+    `BLOCK_VISITS` visits, the arms in turn (their order rotating), so all three see the same background load of
+    a shared machine: run one after the other, the ratio moved by 2x between runs on one host. First visits
+    (whole histories) are not counted."""
     import torch
 
     torch.set_num_threads(cfg.threads)
     config = read_config(repository / "recommender" / "config.pbtxt")
     handler = load_handler("recommender", repository / "recommender" / "1",
                            {key: value.string_value for key, value in config.parameters.items()})
-    users, visits = stream.items.shape[0], stream.ends.shape[1]
     models = (protocol.RECOMMEND, "recommender")
-    with RecommendClient(url, timeout_s=300) as client:
-        send_visits(client, stream, cfg.k, range(1))  # first visits: whole histories, not counted
+    times: dict[str, list[float]] = {"triton": [], "local": [], "floor": []}
+    ratios = []  # per block: Triton / in process
+    with RecommendClient(url, timeout_s=300) as client, RecommendClient(floor_url, timeout_s=300) as floor:
+        arms: dict[str, Callable[[range], list[float]]] = {
+            "triton": lambda visits: send_visits(client, stream, cfg.k, visits),
+            "local": lambda visits: call_in_process(handler, stream, cfg.k, visits),
+            "floor": lambda visits: send_visits(floor, stream, cfg.k, visits),
+        }
+        for arm in arms.values():  # first visits: whole histories, not counted
+            arm(range(1))
         before = server_time_ms(url, models)
-        triton = send_visits(client, stream, cfg.k, range(1, visits))
+        names = list(arms)
+        for block, start in enumerate(range(1, stream.ends.shape[1] - BLOCK_VISITS + 1, BLOCK_VISITS)):
+            got = {}
+            for name in names[block % 3:] + names[: block % 3]:
+                time.sleep(ARM_PAUSE_S)
+                arms[name](range(start, start + 1))
+                got[name] = arms[name](range(start + 1, start + BLOCK_VISITS))
+                times[name] += got[name]
+            ratios.append(float(np.median(got["triton"]) / np.median(got["local"])))
         time.sleep(0.5)  # Triton counts an ensemble's request just after answering it
         after = server_time_ms(url, models)
-    local = []
-    calls = [(user, visit) for visit in range(visits) for user in range(users)]
-    for user, visit in calls:
-        kwargs = stream.request(user, visit)
-        arrays = {
-            protocol.HISTORY_ITEM_IDS: kwargs["user_seq"][None],
-            protocol.HISTORY_TIMESTAMPS: kwargs["timestamps"][None],
-            protocol.HISTORY_ACTIONS: kwargs["actions"][None],
-            protocol.K: np.array([[cfg.k]], np.int32),
-            protocol.EXCLUDE_SEEN: np.array([[True]]),
-            protocol.USER_ID: np.array([[f"overhead-{user}".encode()]], dtype=np.object_),
-        }
-        began = time.perf_counter()
-        (result,) = handler.execute([arrays])
-        if visit:
-            local.append(time.perf_counter() - began)
-        assert not isinstance(result, Exception), result
     return {
-        "triton_ms": float(np.median(triton) * 1e3),
-        "in_process_ms": float(np.median(local) * 1e3),
+        "triton_ms": float(np.median(times["triton"]) * 1e3),
+        "in_process_ms": float(np.median(times["local"]) * 1e3),
+        "floor_ms": float(np.median(times["floor"]) * 1e3),
+        "ratio_p25": percentile(ratios, 25),
+        "ratio_p75": percentile(ratios, 75),
         # where a request's time goes (means), from Triton's statistics
         "server_ms": phase_ms(before, after, protocol.RECOMMEND, "success"),
         "queue_ms": phase_ms(before, after, "recommender", "queue"),
         "stub_ms": phase_ms(before, after, "recommender", "compute_infer"),
         "io_ms": phase_ms(before, after, "recommender", "compute_input") + phase_ms(before, after, "recommender",
                                                                                    "compute_output"),
-        "client_mean_ms": float(np.mean(triton) * 1e3),
+        "client_mean_ms": float(np.mean(times["triton"]) * 1e3),
     }
 
 
@@ -336,11 +363,11 @@ def run(cfg: UserCacheBenchConfig, command: str) -> None:
         for name, server in (("reference", ref_server), ("small", small_server)):
             print(f"Triton vs in process, {name} ...", flush=True)
             stream = Stream(item_ids, cfg.overhead_length, 4, cfg.overhead_requests // 4 + 2, cfg.max_append, 7)
-            t = in_process_vs_triton(server.url, repos[name], stream, cfg)
             with running_servers([floor_repository(repos[name])], cfg.threads, cfg.work_dir / "logs") as (floor,):
-                t["floor_ms"] = floor_ms(floor.url, stream, cfg.k)
+                t = in_process_vs_triton(server.url, floor.url, repos[name], stream, cfg)
             overhead_rows.append([name, cfg.overhead_length, t["triton_ms"], t["in_process_ms"],
-                                  t["triton_ms"] / t["in_process_ms"], t["floor_ms"],
+                                  t["triton_ms"] / t["in_process_ms"],
+                                  f"{t['ratio_p25']:.2f}-{t['ratio_p75']:.2f}", t["floor_ms"],
                                   (t["in_process_ms"] + t["floor_ms"]) / t["in_process_ms"], t["client_mean_ms"],
                                   t["server_ms"], t["queue_ms"], t["io_ms"], t["stub_ms"]])
             results["overhead"].append(dict(model=name, **t))
@@ -434,7 +461,7 @@ def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HS
                "GFLOP/s", "on / off throughput"]
     print_table("recommend through Triton", headers, rows)
     overhead_headers = ["model", "L", "Triton p50 ms", "in process p50 ms", "Triton / in process",
-                        "floor ms", "floor / in process", "client mean ms", "in server ms", "queue ms", "tensors in/out ms", "Python model ms"]
+                        "per block p25-p75", "floor ms", "floor / in process", "client mean ms", "in server ms", "queue ms", "tensors in/out ms", "Python model ms"]
     print_table("Triton vs in process (cache on, concurrency 1)", overhead_headers, overhead_rows)
     ev = results["eviction"]
     eviction_rows = [[ev["users"], ev["budget_mb"], ev["peak_mb"], ev["hit_rate"], ev["evictions"],
@@ -457,15 +484,17 @@ def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HS
         "events on top of the cache (cache on) or of the whole history (off), retrieval (2·d per item) and "
         f"re-ranking {cfg.retrieve_k} candidates. GFLOP/s: at concurrency 1 FLOPs / p50, at 16 FLOPs x "
         f"throughput. Measured fp32 matmul peak: {peak:.1f} GFLOP/s.",
-        "Triton vs in process: the same recommender code and repository, its own cache, the same requests (the "
-        "Triton run first, then the in-process one); the in-process time is the handler alone (no gRPC, no "
+        "Triton vs in process: the same recommender code and repository, its own cache, the same requests, "
+        f"interleaved with the floor's (below) in blocks of {BLOCK_VISITS} visits of the 4 users, the three in "
+        f"rotating order, each block after a {ARM_PAUSE_S * 1e3:.0f} ms pause and one untimed visit; per block "
+        "p25-p75 = the spread of the per-block ratios, the run's noise. The in-process time is the handler alone (no gRPC, no "
         "Triton, no client validation). Where the Triton request's time goes (means, Triton's statistics): "
         "in server = the `recommend` ensemble's request time; queue, tensors in/out and Python model = the "
         "`recommender` step's phases, the last being its `execute` (the handler plus the Python backend's "
         "request/response handling and genrec's metrics); client mean - in server = client validation, "
         "serialisation and gRPC. floor = the same requests, client and server settings on a copy of the "
         "repository whose `recommender` does nothing (`floor_repository`: the same tensors in and out through "
-        "the same ensemble, no work), on its own server started after the Triton run; floor / in process = "
+        "the same ensemble, no work), on its own server; floor / in process = "
         "(in process + floor) / in process, the best ratio any Python-backend model "
         "could reach for this work.",
         "Eviction: users drawn uniformly at random from 10x as many as the budget holds, concurrency 16; the "
