@@ -63,7 +63,7 @@ class UserCacheBenchConfig:
     lengths: tuple[int, ...] = (200, 1000)
     concurrency: tuple[int, ...] = (1, 16)
     users: int = 32  # returning users per run (each run its own, starting at L events)
-    requests_per_user: int = 6  # timed requests per user per run, after one untimed first visit
+    requests_per_user: int = 12  # timed requests per user per run and arm, after one untimed first visit
     overhead_requests: int = 160  # Triton vs in process vs the floor, each (3 of 4 timed)
     overhead_length: int = 200
     max_append: int = 5
@@ -121,42 +121,59 @@ class RunResult:
         return percentile(self.latencies_s, q) * 1e3
 
 
-def run_stream(url: str, stream: Stream, prefix: str, concurrency: int, visits: int, k: int, cached: bool) -> RunResult:
-    """Closed loop: `concurrency` callers, each with its own users in turn; every user's first visit is
-    untimed (it fills the cache), the next `visits` are timed."""
+PHASE_VISITS = 3  # visits per phase of `run_arms`: every phase ends by waiting for its slowest caller
+
+
+def run_arms(url: str, stream: Stream, prefix: str, concurrency: int, visits: int, k: int) -> dict[bool, RunResult]:
+    """Closed loop: `concurrency` callers, each with its own users in turn, cache on and off alternating in
+    phases of `PHASE_VISITS` visits (which arm goes first alternating too), so both see the same background load
+    of a shared machine (run one after the other, the L=1000 on / off ratio moved from 6.0 to 3.9 between two
+    runs on one host). Every user's first visit is untimed (it fills the cache); of the next `visits`, each
+    arm's throughput is its requests over the wall time of its own phases, each from the callers' common start
+    to the last one's end."""
     users = stream.items.shape[0]
-    latencies: list[float] = []
-    hits = [0]
+    latencies: dict[bool, list[float]] = {False: [], True: []}
+    hits = {False: 0, True: 0}
+    walls = {False: 0.0, True: 0.0}
     lock = threading.Lock()
-    start_line = threading.Barrier(concurrency + 1)
+    phase = threading.Barrier(concurrency + 1)
+    blocks = [range(start, min(start + PHASE_VISITS, visits + 1)) for start in range(1, visits + 1, PHASE_VISITS)]
+    order = [(block, cached) for i, block in enumerate(blocks) for cached in ((False, True), (True, False))[i % 2]]
 
     def caller(worker: int) -> None:
         mine = list(range(worker, users, concurrency))
         with RecommendClient(url, timeout_s=300) as client:
-            def send(user: int, visit: int) -> int:
+            def send(user: int, visit: int, cached: bool) -> int:
                 user_id = f"{prefix}-{user}" if cached else None
                 return client.recommend(k=k, user_id=user_id, **stream.request(user, visit)).cached_events
 
             for user in mine:
-                send(user, 0)
-            start_line.wait()
-            for visit in range(1, visits + 1):
-                for user in mine:
-                    began = time.perf_counter()
-                    got = send(user, visit)
-                    elapsed = time.perf_counter() - began
-                    with lock:
-                        latencies.append(elapsed)
-                        hits[0] += got > 0
+                send(user, 0, True)
+                send(user, 0, False)
+            for block, cached in order:
+                phase.wait()
+                for visit in block:
+                    for user in mine:
+                        began = time.perf_counter()
+                        got = send(user, visit, cached)
+                        elapsed = time.perf_counter() - began
+                        with lock:
+                            latencies[cached].append(elapsed)
+                            hits[cached] += got > 0
+                phase.wait()
 
     threads = [threading.Thread(target=caller, args=(w,)) for w in range(concurrency)]
     for t in threads:
         t.start()
-    start_line.wait()
-    began = time.perf_counter()
+    for _, cached in order:
+        phase.wait()
+        began = time.perf_counter()
+        phase.wait()
+        walls[cached] += time.perf_counter() - began
     for t in threads:
         t.join()
-    return RunResult(latencies, time.perf_counter() - began, hits[0], len(latencies))
+    return {cached: RunResult(latencies[cached], walls[cached], hits[cached], len(latencies[cached]))
+            for cached in (False, True)}
 
 
 def request_flops(c: HSTUConfig, length: int, new: int, retrieve_k: int, num_items: int, cached: bool) -> int:
@@ -342,14 +359,11 @@ def run(cfg: UserCacheBenchConfig, command: str) -> None:
         for length in cfg.lengths:
             for concurrency in cfg.concurrency:
                 stream = Stream(item_ids, length, cfg.users, cfg.requests_per_user, cfg.max_append, cfg.seed + length)
-                measured = {}
-                for cached in (False, True):
-                    prefix = f"L{length}-c{concurrency}"
-                    print(f"L={length} concurrency {concurrency} cache {'on' if cached else 'off'} ...", flush=True)
-                    result = run_stream(ref_server.url, stream, prefix, concurrency, cfg.requests_per_user, cfg.k,
-                                        cached)
+                print(f"L={length} concurrency {concurrency}, cache off and on ...", flush=True)
+                measured = run_arms(ref_server.url, stream, f"L{length}-c{concurrency}", concurrency,
+                                    cfg.requests_per_user, cfg.k)
+                for cached, result in measured.items():
                     flops = request_flops(c, length, round(mean_new), cfg.retrieve_k, num_items, cached)
-                    measured[cached] = result
                     rows.append([length, concurrency, "on" if cached else "off", result.throughput,
                                  result.p(50), result.p(99), result.hits / result.requests, flops / 1e6,
                                  flops / (result.p(50) / 1e3) / 1e9 if concurrency == 1 else
@@ -479,7 +493,8 @@ def write_report(cfg: UserCacheBenchConfig, command: str, start: RunStart, c: HS
         f"retrieve_k={cfg.retrieve_k}; {cfg.threads} torch threads per served model; fp32 CPU.",
         f"Stream: {cfg.users} users per run, each first visit (L events) untimed, then {cfg.requests_per_user} "
         f"timed visits appending 1-{cfg.max_append} events each; cache off sends the same requests without "
-        "user_id.",
+        f"user_id. The two alternate in phases of {PHASE_VISITS} visits (`run_arms`), so both see the same "
+        "background load; throughput = an arm's requests / the wall time of its phases.",
         "FLOPs per request are counted as in kv_cache.py (only the pairs the mask allows): the prefill of the new "
         "events on top of the cache (cache on) or of the whole history (off), retrieval (2·d per item) and "
         f"re-ranking {cfg.retrieve_k} candidates. GFLOP/s: at concurrency 1 FLOPs / p50, at 16 FLOPs x "
