@@ -1,7 +1,7 @@
 """The per-user K/V cache through Triton: returning users, cache on vs off, and Triton vs in process.
 
-    python -m genrec.benchmarks.user_cache            # ~10 min on 2 cores
-    python -m genrec.benchmarks.user_cache --quick    # ~2 min, short histories (a smoke run)
+    python -m genrec.benchmarks.user_cache            # ~3 min on 2 cores
+    python -m genrec.benchmarks.user_cache --quick    # ~1.5 min, short histories (a smoke run)
 
 A stream of returning users: each user starts with a history of L events and every request appends 1-5
 new ones (seeded). Served by a real tritonserver from a repository built with `genrec build` defaults but
