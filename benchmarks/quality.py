@@ -262,7 +262,8 @@ def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, lis
             "ML-1M-shaped log: one epoch", ["model", "s/epoch", "events trained", "events/s"],
             [[name, f"{s:.1f}", f"{n:,}", f"{n / s:,.0f}"] for name, (s, n) in ml1m.items()],
             "A synthetic log of 1,000,209 events, 6,040 users, 3,706 items (`ml1m_shaped`), batch "
-            f"{TrainConfig.batch_size}, histories cut to the last 200 events, the retrieval objective only, "
+            f"{TrainConfig.batch_size}, histories longer than 200 events read as windows of 200 (every training "
+            "event), the retrieval objective only, "
             "all threads, measured after the runs above."))
     hstu = runs.get("HSTU")
     summary: list[list[object]] = []

@@ -54,6 +54,18 @@ class Histories:
         cut = self.slice(rows, starts, ends)
         return SequenceBatch.from_jagged(cut.items, cut.timestamps, cut.actions, cut.offsets)
 
+    def windows(self, length: int) -> Histories:
+        """Each history as windows of at most `length` events, one row each (the user repeated), counted back
+        from its most recent, each overlapping the next older one by one event: every event after a user's
+        first is the target of exactly one position. Training on these sees the whole log, where cutting a
+        history to its most recent `length` leaves the older events out: a third of an ML-1M log's at 200."""
+        stride = max(length - 1, 1)
+        count = np.maximum(-(-(self.lengths() - 1) // stride), 1)  # ceil((n - 1) / stride), at least one row
+        rows = np.repeat(np.arange(len(self)), count)
+        back = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)  # 0: the most recent window
+        ends = self.offsets[rows + 1] - back * stride
+        return self.slice(rows, np.maximum(self.offsets[rows], ends - length), ends)
+
     def to_batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0, max_len: int | None = None
     ) -> Iterator[SequenceBatch]:

@@ -464,19 +464,20 @@ def test_metrics(model: nn.Module, test: Split, config: TrainConfig) -> dict[str
 def train_set_batches(train_set: Histories, config: TrainConfig, epoch: int) -> list[SequenceBatch]:
     """Shuffled training batches of similar lengths, the same on every DDP rank (each takes its share).
 
-    Users are shuffled, then sorted by length within windows of 16 batches, so a batch pads to little more
-    than its own users' lengths (attention costs the square of that); the batch order is shuffled again.
+    A history longer than the model's maximum length gives one row per window of it (`Histories.windows`).
+    Rows are shuffled, then sorted by length within spans of 16 batches, so a batch pads to little more than
+    its own rows' lengths (attention costs the square of that); the batch order is shuffled again.
     """
-    max_len = config.max_len or PRESETS[config.preset]["max_len"]
+    rows = train_set.windows(config.max_len or PRESETS[config.preset]["max_len"])
     rng = np.random.default_rng(config.seed * 7919 + epoch)
-    order = rng.permutation(len(train_set))
-    lengths = np.minimum(train_set.lengths(), max_len)
-    window = config.batch_size * 16
-    for start in range(0, len(order), window):
-        chunk = order[start : start + window]
-        order[start : start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    order = rng.permutation(len(rows))
+    lengths = rows.lengths()
+    span = config.batch_size * 16
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        order[start : start + span] = chunk[np.argsort(lengths[chunk], kind="stable")]
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    return [train_set.batch(batches[i], max_len) for i in rng.permutation(len(batches))]
+    return [rows.batch(batches[i]) for i in rng.permutation(len(batches))]
 
 
 def _drop_actions(batch: SequenceBatch, p: float, generator: torch.Generator) -> SequenceBatch:

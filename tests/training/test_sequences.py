@@ -15,6 +15,7 @@ from genrec.training.sequences import (
     build_sequences,
     leave_one_out,
 )
+from genrec.training.trainer import PRESETS, TrainConfig, train_set_batches
 from genrec.training.vocabulary import Vocabulary, action_ids
 
 
@@ -207,6 +208,32 @@ def test_to_batches_cover_every_user_once() -> None:
     assert [e.rows.tolist() for e in evals] == [[0, 1], [2]]
     assert evals[1].target_items.tolist() == split.test.target_items[2:].tolist()
     assert evals[0].history.lengths.tolist() == [2, 6]
+
+
+def test_windows_make_every_event_after_the_first_a_target_once() -> None:
+    data = small_data()  # raw items 0-2, 10-16, 20-23
+    windows = data.histories().windows(3)
+    rows = [data.item_vocab.to_raw(row).tolist() for row in np.split(windows.items, windows.offsets[1:-1])]
+    assert rows == [[0, 1, 2], [14, 15, 16], [12, 13, 14], [10, 11, 12], [21, 22, 23], [20, 21]]
+    assert windows.users.tolist() == [data.users[u] for u in (0, 1, 1, 1, 2, 2)]
+    assert data.histories().windows(7).lengths().tolist() == [3, 7, 4]  # short enough: the histories as they are
+
+
+def test_training_batches_cover_the_whole_log(ml100k: SequenceData) -> None:
+    """Histories longer than the model's length are not cut to their most recent events: every training event
+    after a user's first is predicted, once an epoch."""
+    train = leave_one_out(ml100k).train
+    config = TrainConfig(preset="tiny", batch_size=64)  # length 50: most MovieLens users are longer
+    batches = train_set_batches(train, config, epoch=3)
+    assert max(b.max_len for b in batches) <= PRESETS["tiny"]["max_len"]
+    targets = sum(int((b.lengths - 1).sum()) for b in batches)
+    assert targets == int((train.lengths() - 1).sum())
+    counted = np.bincount(np.concatenate([b.items[:, 1:][b.valid_mask()[:, 1:]].numpy() for b in batches]),
+                          minlength=len(ml100k.item_vocab))
+    after_first = np.ones(len(train.items), dtype=bool)
+    after_first[train.offsets[:-1]] = False
+    expected = np.bincount(train.items[after_first], minlength=len(ml100k.item_vocab))
+    np.testing.assert_array_equal(counted, expected)
 
 
 def test_length_groups_partition_the_batch_and_bound_the_attention() -> None:
