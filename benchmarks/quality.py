@@ -143,7 +143,7 @@ def ml1m_epoch_seconds(model: str, batch_size: int) -> tuple[float, int]:
     import torch
 
     from genrec.training.batch import SequenceBatch
-    from genrec.training.losses import next_item_targets, retrieval_loss
+    from genrec.training.losses import next_events, retrieval_loss
     from genrec.training.sequences import build_sequences, leave_one_out
     from genrec.training.trainer import keep_freed_host_memory, make_model, train_set_batches
 
@@ -157,8 +157,8 @@ def ml1m_epoch_seconds(model: str, batch_size: int) -> tuple[float, int]:
     batches: list[SequenceBatch] = train_set_batches(train, config, epoch=0)
     started = time.monotonic()
     for batch in batches:  # the retrieval objective only, the one both models share
-        targets, mask = next_item_targets(batch)
-        loss = retrieval_loss(net.encode(batch)[mask], targets[mask], net.item_table(), config.loss, generator)
+        mask, targets = next_events(batch, config.loss.tied_targets)
+        loss = retrieval_loss(net.encode(batch)[mask], targets, net.item_table(), config.loss, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -57,7 +57,8 @@ def train_config(args: argparse.Namespace):
     from genrec.training.trainer import TrainConfig
 
     return config_from_args(
-        TrainConfig, args, loss=LossConfig(kind=args.loss, high_rating=args.high_rating, exclude_seen=not args.keep_history),
+        TrainConfig, args, loss=LossConfig(kind=args.loss, high_rating=args.high_rating, exclude_seen=not args.keep_history,
+                                      tied_targets=not args.ordered_ties),
         progress=not args.no_progress, eval=EvalConfig(exclude_history=not args.keep_history),
         popularity=PopularityConfig(enabled=not args.no_popularity),
     )
@@ -105,6 +106,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--keep-history", action="store_true",
                    help="keep the user's history items in the full ranking (default: excluded, as the HSTU and "
                    "SASRec papers evaluate), and in the retrieval loss's softmax")
+    g.add_argument("--ordered-ties", action="store_true",
+                   help="take the log's order among a user's events with the same timestamp as real (default: "
+                   "they are one set, each a target of the position before them)")
     g.add_argument("--no-popularity", action="store_true",
                    help="HSTU's ranking head without the candidates' recent-popularity features")
     g.add_argument("--out", type=Path, default=Path("runs/hstu"), help="run folder (checkpoint, metrics.csv)")

@@ -28,6 +28,10 @@ class LossConfig:
     # `recommend` nor the default protocol ranks them, so the objective need not spend itself pushing them down
     # (off with `genrec train --keep-history`, whose protocol ranks them)
     exclude_seen: bool = True
+    # Events with the same timestamp have no order between them (a log lists them in some arbitrary order): a
+    # position's targets are its next event and the later events tied with it, each weighted 1 / their count,
+    # the expected loss over their orders. Without ties it is the next event alone. Only for logs with time.
+    tied_targets: bool = True
     # cut points per batch for the ranking objective, spread evenly over its sequences (>= 1 each); each cut
     # copies its history's K/V, so this bounds the objective's memory whatever the batch size
     rank_cut_points: int = 256
@@ -63,6 +67,53 @@ def next_item_targets(batch: SequenceBatch) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
+class Targets:
+    """The loss rows' target items, flat: pair q is item ``items[q]`` of row ``rows[q]``, weighted ``weights[q]``
+    (each row's weights sum to 1). A row has several where its next events are tied in time (`next_events`)."""
+
+    rows: Tensor  # (Q,) int64, ascending
+    items: Tensor  # (Q,) int64 dense ids
+    weights: Tensor  # (Q,) float
+
+    @staticmethod
+    def one_each(items: Tensor) -> Targets:
+        """One target per row: items (P,)."""
+        rows = torch.arange(items.shape[0], device=items.device)
+        return Targets(rows, items, torch.ones(items.shape, device=items.device))
+
+    def of_rows(self, values: Tensor) -> Tensor:
+        """values (Q,) -> (P,) each row's weighted sum, for `num_rows` = P rows."""
+        return torch.zeros(self.num_rows, dtype=values.dtype, device=values.device).index_add_(
+            0, self.rows, values * self.weights)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.rows[-1]) + 1 if self.rows.numel() else 0
+
+
+def next_events(batch: SequenceBatch, tied: bool) -> tuple[Tensor, Targets]:
+    """The positions with a next event (B, T) (`next_item_targets`) and, per such position in order, its targets:
+    the next event, and with `tied` also every later event with that event's timestamp."""
+    targets, mask = next_item_targets(batch)
+    if not tied:
+        return mask, Targets.one_each(targets[mask])
+    b, t = batch.items.shape
+    steps = torch.arange(t, device=mask.device)
+    valid = batch.valid_mask()
+    last_of_run = torch.ones_like(valid)  # an event whose successor is not tied with it
+    last_of_run[:, :-1] = (batch.timestamps[:, 1:] != batch.timestamps[:, :-1]) | ~valid[:, 1:]
+    run_end = torch.where(last_of_run, steps, t).flip(1).cummin(1).values.flip(1)  # (B, T) its run's last event
+    end = torch.full_like(run_end, -1)
+    end[:, :-1] = run_end[:, 1:]  # position i's targets: events i+1 .. the end of event i+1's run
+    k = int((end - steps)[mask].max()) if bool(mask.any()) else 1
+    after = steps[:, None] + 1 + torch.arange(k, device=mask.device)  # (T, K) the events after each position
+    inside = (after[None] <= end[:, :, None])[mask]  # (P, K)
+    rows, column = inside.nonzero(as_tuple=True)
+    items = batch.items[:, after.clamp(max=t - 1)][mask][rows, column]
+    return mask, Targets(rows, items, (1.0 / inside.sum(1))[rows])
+
+
+@dataclass(frozen=True)
 class SeenItems:
     """Which items each training position has already had: the events up to and including it."""
 
@@ -88,6 +139,7 @@ def uses_full_softmax(config: LossConfig, num_items: int) -> bool:
 
 def describe_loss(config: LossConfig, num_items: int) -> str:
     seen = ", the history's items left out" if config.exclude_seen else ""
+    seen += ", events tied in time as one set of targets" if config.tied_targets else ""
     if uses_full_softmax(config, num_items):
         return f"full softmax over {num_items:,} items{seen}"
     extra = " and in-batch" if config.in_batch_negatives else ""
@@ -95,51 +147,59 @@ def describe_loss(config: LossConfig, num_items: int) -> str:
 
 
 def retrieval_loss(
-    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator,
+    user: Tensor, targets: Tensor | Targets, item_table: Tensor, config: LossConfig, generator: torch.Generator,
     seen: SeenItems | None = None,
 ) -> Tensor:
-    """The next-item objective. user (P, D) L2-normalised, targets (P,) dense ids, item_table (N+1, D),
-    seen: each row's history, whose items are no class of that row (its target excepted) -> scalar."""
+    """The next-item objective. user (P, D) L2-normalised, targets (P,) dense ids or each row's `Targets`,
+    item_table (N+1, D), seen: each row's history, whose items are no class of that row (its targets excepted)
+    -> scalar: the mean over rows of each row's weighted loss over its targets."""
+    if isinstance(targets, Tensor):
+        targets = Targets.one_each(targets)
     if uses_full_softmax(config, item_table.shape[0] - 1):
         return full_softmax_loss(user, targets, item_table, config, seen)
     return sampled_softmax_loss(user, targets, item_table, config, generator, seen)
 
 
 def full_softmax_loss(
-    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, seen: SeenItems | None = None
+    user: Tensor, targets: Targets, item_table: Tensor, config: LossConfig, seen: SeenItems | None = None
 ) -> Tensor:
-    """Cross-entropy over every item (row 0, padding, is never a class). Shapes as in `retrieval_loss`."""
+    """Cross-entropy over every item (row 0, padding, is never a class). Arguments as in `retrieval_loss`."""
     logits = (user / config.temperature) @ item_table[1:].T  # (P, N), the step's largest tensor: scaled via (P, D)
+    classes = (targets.rows, targets.items - 1)
     if seen is not None:
-        items = torch.arange(1, item_table.shape[0], device=targets.device)
-        masked = seen.among(items).scatter_(1, (targets - 1)[:, None], False)  # a repeated target stays
+        items = torch.arange(1, item_table.shape[0], device=user.device)
+        masked = seen.among(items).index_put_(classes, torch.tensor(False, device=user.device))  # a repeated target stays
         # In place and unrecorded: the softmax gives a -inf logit zero gradient already, so autograd need not
         # mask (and copy) the (P, N) gradient again; the matmul's backward reads its inputs, not this output.
         with torch.no_grad():
             logits.masked_fill_(masked, float("-inf"))
-    return F.cross_entropy(logits, targets - 1)
+    return (torch.logsumexp(logits, 1) - targets.of_rows(logits[classes])).mean()
 
 
 def sampled_softmax_loss(
-    user: Tensor, targets: Tensor, item_table: Tensor, config: LossConfig, generator: torch.Generator,
+    user: Tensor, targets: Targets, item_table: Tensor, config: LossConfig, generator: torch.Generator,
     seen: SeenItems | None = None,
 ) -> Tensor:
-    """Sampled softmax. Shapes as in `retrieval_loss`.
+    """Sampled softmax: each target against the row's negatives. Arguments as in `retrieval_loss`.
 
     Negatives are uniform items shared by the batch, plus (`in_batch_negatives`) the batch's distinct targets;
-    a negative equal to the row's own target, or `seen` in its row, is masked out rather than counted as wrong.
+    a negative that is one of the row's targets, or `seen` in its row, is masked out rather than counted as wrong.
     """
     num_items = item_table.shape[0] - 1
-    uniform = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(targets.device)
-    negatives = torch.cat([uniform, targets.unique()]) if config.in_batch_negatives else uniform  # (M,)
-    user = user / config.temperature  # (P, D): cheaper than scaling the (P, 1 + M) logits
-    positive_logits = (user * item_table[targets]).sum(-1, keepdim=True)  # (P, 1)
+    uniform = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(user.device)
+    negatives = torch.cat([uniform, targets.items.unique()]) if config.in_batch_negatives else uniform  # (M,)
+    user = user / config.temperature  # (P, D): cheaper than scaling the (P, M) logits
+    positive_logits = (user[targets.rows] * item_table[targets.items]).sum(-1)  # (Q,)
     negative_logits = user @ item_table[negatives].T  # (P, M)
-    negative_logits.masked_fill_(negatives[None, :] == targets[:, None], float("-inf"))
+    # (row, item) pairs as one key each: a row's negative is one of its targets where its key is among theirs
+    pairs = (targets.rows * (num_items + 1) + targets.items).sort().values
+    keys = torch.arange(user.shape[0], device=user.device)[:, None] * (num_items + 1) + negatives[None, :]
+    found = pairs[torch.searchsorted(pairs, keys).clamp(max=pairs.numel() - 1)] == keys
+    negative_logits.masked_fill_(found, float("-inf"))
     if seen is not None:
         negative_logits.masked_fill_(seen.among(negatives), float("-inf"))
-    logits = torch.cat([positive_logits, negative_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    negatives_lse = torch.logsumexp(negative_logits, 1)[targets.rows]  # (Q,)
+    return targets.of_rows(torch.logaddexp(positive_logits, negatives_lse) - positive_logits).mean()
 
 
 def ranking_loss(

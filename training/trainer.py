@@ -38,7 +38,7 @@ from genrec.training.losses import (
     SeenItems,
     describe_loss,
     high_ratings,
-    next_item_targets,
+    next_events,
     ranking_loss,
     retrieval_loss,
 )
@@ -188,14 +188,14 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: SequenceBatch, generator: torch.Generator) -> dict[str, Tensor]:
         """Each loss term by name ("retrieval", and "ranking" for HSTU); their sum is what is minimised."""
-        targets, mask = next_item_targets(batch)
+        mask, targets = next_events(batch, self.loss.tied_targets)
         if isinstance(self.model, HSTU):
             user, cache = self.model.encode_with_cache(batch)
         else:
             user = self.model.encode(batch)
         table = self.model.item_table()
         seen = SeenItems(batch.items, mask) if self.loss.exclude_seen else None
-        terms = {"retrieval": retrieval_loss(user[mask], targets[mask], table, self.loss, generator, seen)}
+        terms = {"retrieval": retrieval_loss(user[mask], targets, table, self.loss, generator, seen)}
         if isinstance(self.model, HSTU):
             terms["ranking"] = ranking_loss(self.model, batch, user, cache, self.high_rating, self.loss, generator)
         return terms
@@ -262,7 +262,9 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     out = Path(config.out)
     model = make_model(config, data).to(device)
     high_rating = torch.as_tensor(high_ratings(data.action_values, config.loss), dtype=torch.bool)
-    step_module: nn.Module = TrainStep(model, config.loss, high_rating).to(device)
+    # a log without time has every event at 0: its order is all there is, and no events are tied
+    loss_config = config.loss if data.timed else dataclasses.replace(config.loss, tied_targets=False)
+    step_module: nn.Module = TrainStep(model, loss_config, high_rating).to(device)
     if world > 1:
         step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -373,7 +375,7 @@ def train(config: TrainConfig, data: SequenceData, train_set: Histories, valid: 
     ranker_weight = calibrate_ranker(model, valid, config) if calibrated else 1.0  # type: ignore[arg-type]
     metrics = test_metrics(model, test, config)
     metrics["ranker_weight"] = ranker_weight
-    metrics["loss"] = describe_loss(config.loss, len(data.item_vocab))
+    metrics["loss"] = describe_loss(loss_config, len(data.item_vocab))
     metrics["best_epoch"] = best_epoch
     metrics["epochs_run"] = epoch + 1
     metrics["train_seconds"] = round(time.monotonic() - started, 1)

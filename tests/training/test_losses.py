@@ -13,8 +13,10 @@ from genrec.training.hstu import HSTUConfig
 from genrec.training.losses import (
     LossConfig,
     SeenItems,
+    Targets,
     full_softmax_loss,
     high_ratings,
+    next_events,
     next_item_targets,
     retrieval_loss,
     uses_full_softmax,
@@ -30,11 +32,11 @@ def test_full_softmax_is_cross_entropy_over_every_item_and_never_the_padding() -
     config = LossConfig(kind="full", temperature=0.1)
     logits = user @ table.T / 0.1
     expected = -(logits.gather(1, targets[:, None]).squeeze(1) - logits[:, 1:].logsumexp(dim=1)).mean()
-    assert torch.allclose(full_softmax_loss(user, targets, table, config), expected, atol=1e-6)
+    assert torch.allclose(full_softmax_loss(user, Targets.one_each(targets), table, config), expected, atol=1e-6)
     # padding as a class would change the normaliser: moving row 0 must not move the loss
     moved = table.clone()
     moved[0] = user[0]
-    assert torch.allclose(full_softmax_loss(user, targets, moved, config), expected, atol=1e-6)
+    assert torch.allclose(full_softmax_loss(user, Targets.one_each(targets), moved, config), expected, atol=1e-6)
     assert torch.allclose(retrieval_loss(user, targets, table, config, g), expected, atol=1e-6)
 
 
@@ -72,6 +74,46 @@ def test_seen_items_are_each_positions_history_and_leave_the_softmax_but_a_repea
     drawn = torch.randint(1, 5, (32,), generator=torch.Generator().manual_seed(0))
     others = int(((drawn == 3) | (drawn == 4)).sum())
     assert loss.item() == pytest.approx(float(torch.log1p(torch.tensor(others * torch.e**-1.0))), abs=1e-5)
+
+
+def test_events_tied_in_time_are_each_a_target_of_the_positions_before_them() -> None:
+    # user 0: items 1, 2 at t=10, then 3, 4, 5 at t=20; user 1: 6, 7 at t=5, 6 (no ties)
+    batch = SequenceBatch.from_lists([[1, 2, 3, 4, 5], [6, 7]], [[10, 10, 20, 20, 20], [5, 6]])
+    mask, tied = next_events(batch, tied=True)
+    assert mask.tolist() == next_item_targets(batch)[1].tolist()
+    rows: list[list[int]] = [[] for _ in range(tied.num_rows)]
+    for row, item in zip(tied.rows.tolist(), tied.items.tolist(), strict=True):
+        rows[row].append(item)
+    # after 1: 2 (its tie); after 2: the next time's 3, 4, 5; after 3: 4 and 5; after 4: 5; after 6: 7
+    assert rows == [[2], [3, 4, 5], [4, 5], [5], [7]]
+    assert tied.weights.tolist() == pytest.approx([1, 1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2, 1, 1])
+    _, untied = next_events(batch, tied=False)
+    assert untied.items.tolist() == [2, 3, 4, 5, 7] and untied.rows.tolist() == list(range(5))
+    # a log without ties gives the next event alone either way
+    strict = SequenceBatch.from_lists([[1, 2, 3], [4, 5]], [[1, 2, 3], [1, 2]])
+    assert next_events(strict, tied=True)[1].items.tolist() == next_events(strict, tied=False)[1].items.tolist()
+
+
+@pytest.mark.parametrize("kind", ["full", "sampled"])
+def test_a_position_with_tied_targets_takes_the_mean_of_their_losses(kind: str) -> None:
+    """A row's loss is the mean of one loss per target (the expected loss over the ties' possible orders); in
+    the sampled softmax, a drawn negative that is another of the row's targets counts as no negative."""
+    g = torch.Generator().manual_seed(0)
+    table = F.normalize(torch.randn(7, 4, generator=g), dim=-1)  # 6 items
+    user = F.normalize(torch.randn(2, 4, generator=g), dim=-1)
+    config = LossConfig(kind=kind, num_negatives=12, temperature=0.5)  # type: ignore[arg-type]
+    tied = Targets(torch.tensor([0, 0, 0, 1]), torch.tensor([2, 5, 6, 3]), torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
+    loss = retrieval_loss(user, tied, table, config, torch.Generator().manual_seed(1))
+    logits = user @ table.T / 0.5
+    if kind == "full":
+        expected = [logits[r, 1:].logsumexp(0) - logits[r, i] for r, i in [(0, 2), (0, 5), (0, 6), (1, 3)]]
+    else:
+        drawn = torch.randint(1, 7, (12,), generator=torch.Generator().manual_seed(1))
+        first = drawn[~torch.isin(drawn, torch.tensor([2, 5, 6]))]  # row 0's other targets are no negatives
+        second = drawn[drawn != 3]
+        expected = [torch.cat([logits[r, i, None], logits[r, neg]]).logsumexp(0) - logits[r, i]
+                    for r, i, neg in [(0, 2, first), (0, 5, first), (0, 6, first), (1, 3, second)]]
+    assert loss.item() == pytest.approx(float((sum(expected[:3]) / 3 + expected[3]) / 2), abs=1e-5)
 
 
 def test_auto_takes_the_full_softmax_only_where_the_catalogue_fits() -> None:
