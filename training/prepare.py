@@ -83,7 +83,8 @@ def kept_summary(log: Interactions, data: SequenceData, config: PreprocessConfig
     rule = f"users with < {config.min_user_interactions} events" + (
         f", items with < {config.min_item_interactions}" if config.min_item_interactions else "")
     return (f"data {log.name}: kept {kept_users:,} users, {kept_items:,} items, {kept_events:,} events; dropped "
-            f"{users - kept_users:,} users, {items - kept_items:,} items, {events - kept_events:,} events ({rule})")
+            f"{users - kept_users:,} users, {items - kept_items:,} items, {events - kept_events:,} events ({rule}); "
+            f"{data.tied_share():.0%} of consecutive events share their timestamp")
 
 
 def run_training(data_config: DataConfig, config: TrainConfig) -> dict[str, Any]:

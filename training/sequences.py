@@ -157,6 +157,15 @@ class SequenceData:
         """(M,) raw ratings -> (M,) int64 action ids, exactly as in training."""
         return action_ids(ratings, self.action_values)
 
+    def tied_share(self) -> float:
+        """The share of a user's consecutive events that share their timestamp (0 for a log without time)."""
+        if not self.timed:
+            return 0.0
+        same_user = np.ones(max(len(self.items) - 1, 0), dtype=bool)
+        same_user[self.offsets[1:-1] - 1] = False  # a user's last event and the next user's first
+        pairs = int(same_user.sum())
+        return float((np.diff(self.timestamps) == 0)[same_user].sum() / pairs) if pairs else 0.0
+
     def histories(self) -> Histories:
         """The full sequences as Histories (for serving or recommending after the test event)."""
         return Histories(self.users, self.offsets, self.items, self.timestamps, self.actions)

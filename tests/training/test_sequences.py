@@ -159,6 +159,14 @@ def small_data() -> SequenceData:
     )
 
 
+def test_tied_share_counts_equal_timestamps_within_a_user_only() -> None:
+    assert small_data().tied_share() == 0.0  # every event at its own time
+    # user 0 at times 5, 5, 6; user 1 at 6, 6, 6, 7: 3 of the 5 within-user pairs tie (6 -> 6 across users does not)
+    tied = build_sequences(make_log([0, 0, 0, 1, 1, 1, 1], list(range(7)), [5, 5, 6, 6, 6, 6, 7]),
+                           PreprocessConfig(min_user_interactions=3))
+    assert tied.tied_share() == pytest.approx(3 / 5)
+
+
 def test_leave_one_out_targets_and_histories() -> None:
     data = small_data()
     split = leave_one_out(data)
