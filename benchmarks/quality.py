@@ -27,11 +27,14 @@ from typing import Any
 import numpy as np
 
 from genrec.benchmarks.common import RESULTS_DIR, Section, command_line, machine_description, write_markdown
+from genrec.training.checkpoint import load_checkpoint
 from genrec.training.datasets import Interactions, SyntheticConfig
-from genrec.training.evaluate import evaluate_scores, popularity_scores
+from genrec.training.evaluate import evaluate_scores, popularity_scores, retrieval_ranks
 from genrec.training.losses import LossConfig
 from genrec.training.metrics import EvalConfig
+from genrec.training.popularity import PopularityConfig
 from genrec.training.prepare import DataConfig, prepare, run_training
+from genrec.training.sequences import LeaveOneOut, SequenceData
 from genrec.training.trainer import TrainConfig
 
 COLUMNS = ("HR@10", "NDCG@10", "HR@50", "MRR")
@@ -80,14 +83,71 @@ SUITES = {
 
 
 def train_one(data: DataConfig, config: TrainConfig, threads: int) -> dict[str, Any]:
-    """One (model, seed) run in a worker process with its own torch thread count; adds its epoch log."""
+    """One (model, seed) run in a worker process with its own torch thread count; adds its epoch log and its
+    test HR@10 per group of targets (`by_target`)."""
     import torch
 
     torch.set_num_threads(threads)
     metrics = run_training(data, config)
     with (Path(config.out) / "metrics.csv").open() as f:
         metrics["curve"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    model, _ = load_checkpoint(Path(config.out) / "checkpoint")
+    sequences, split, _ = prepare(data)
+    hits = {protocol: (retrieval_ranks(model, split.test, EvalConfig(protocol=protocol)) < 10).numpy()  # type: ignore[arg-type]
+            for protocol in ("full", "sampled")}
+    metrics["by_target"] = {
+        grouping.title: {label: {"users": int(inside.sum()), **{p: float(h[inside].mean()) for p, h in hits.items()}}
+                         for label, inside in grouping.members()}
+        for grouping in target_groupings(sequences, split)}
     return metrics
+
+
+RECENT_SECONDS = PopularityConfig().windows[-1]  # the scorer's longest recent-popularity window: 30 days
+RECENT_SHARES = (0.1, 0.3, 0.6)  # bin edges of an item's share of its events that are recent
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The test users split by something about their target item."""
+
+    title: str
+    labels: tuple[str, ...]
+    group: np.ndarray  # (U,) index into labels per test user
+
+    def members(self) -> list[tuple[str, np.ndarray]]:
+        """(label, (U,) bool) per group that has users."""
+        return [(label, self.group == i) for i, label in enumerate(self.labels) if (self.group == i).any()]
+
+
+def target_groupings(sequences: SequenceData, split: LeaveOneOut) -> list[Grouping]:
+    """The test targets by how popular the item is in training (quartiles of the targets' training-event
+    counts, so the groups fit any log) and, for a log with time, by how recent its events are: the share of the
+    log's events of the item before the request (the history's last event) that fall in the 30 days before it.
+    New and trending items sit near 1: a retrieval score that has no notion of time cannot favour them."""
+    test = split.test
+    targets = test.target_items
+    counts = np.bincount(split.train.items, minlength=len(sequences.item_vocab) + 1)[targets]
+    edges = np.unique(np.quantile(counts, [0.25, 0.5, 0.75]).astype(np.int64) + 1)  # groups [lo, hi)
+    bounds = [int(counts.min()), *edges.tolist(), int(counts.max()) + 1]
+    popular = Grouping("training events of the target item",
+                       tuple(f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)),
+                       np.searchsorted(edges, counts, side="right"))
+    if not sequences.timed:
+        return [popular]
+    # the log's events as (item, time) keys, sorted: an item's events in a time range are one searchsorted span
+    origin = int(sequences.timestamps.min())
+    span = int(sequences.timestamps.max()) - origin + 1
+    keys = np.sort(sequences.items * span + (sequences.timestamps - origin))
+    request = targets * span + test.histories.timestamps[test.histories.offsets[1:] - 1] - origin
+    first = targets * span
+    before = np.searchsorted(keys, request) - np.searchsorted(keys, first)
+    recent = np.searchsorted(keys, request) - np.searchsorted(keys, np.maximum(request - RECENT_SECONDS, first))
+    share = recent / np.maximum(before, 1)
+    shares = (0.0, *RECENT_SHARES, 1.0)
+    labels = ("no earlier event", *(f"{lo:g}-{hi:g}" for lo, hi in zip(shares[:-1], shares[1:], strict=True)))
+    group = np.where(before == 0, 0, 1 + np.searchsorted(np.array(RECENT_SHARES), share, side="right"))
+    return [popular, Grouping(f"share of the target item's earlier events in the {RECENT_SECONDS // 86_400} days "
+                              "before the request", labels, group)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -257,6 +317,7 @@ def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, lis
                 "matmuls, forward and backward, on the padded batches (`training/flops.py`); HSTU's ranking "
                 "objective is timed but not counted."),
     ]
+    sections += target_sections(runs)
     if ml1m:
         sections.append(Section(
             "ML-1M-shaped log: one epoch", ["model", "s/epoch", "events trained", "events/s"],
@@ -282,6 +343,23 @@ def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, lis
     )
     out.with_suffix(".json").write_text(json.dumps(runs, indent=2))
     plot_curves(runs, suite.title, image)
+
+
+def target_sections(runs: dict[str, list[dict[str, Any]]]) -> list[Section]:
+    """Test HR@10 per group of targets (`target_groupings`), each model's mean over seeds, both protocols."""
+    first = next(iter(runs.values()))[0]["by_target"]
+    protocols = ("full", "sampled")
+    sections = []
+    for title, groups in first.items():
+        rows: list[list[object]] = [
+            [label, group["users"], *(f"{statistics.fmean(r['by_target'][title][label][p] for r in rs):.4f}"
+                                      for p in protocols for rs in runs.values())]
+            for label, group in groups.items()]
+        sections.append(Section(
+            f"Test HR@10 by {title}", ["group", "test users", *(f"{name} {p}" for p in protocols for name in runs)],
+            rows, "Retrieval, mean over seeds; full: history excluded; sampled: 100 negatives, mostly rarely-seen "
+            "items. Where each model gains, and where the misses are."))
+    return sections
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:

@@ -16,9 +16,14 @@ from genrec.training.sasrec import SASRec
 from genrec.training.sequences import Histories, Split
 
 
-@torch.no_grad()
 def evaluate(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: int = 256) -> dict[str, float]:
     """Leave-one-out metrics of the retrieval score <user, item> under `config`'s protocol."""
+    return metrics_from_ranks(retrieval_ranks(model, data, config, batch_size))
+
+
+@torch.no_grad()
+def retrieval_ranks(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: int = 256) -> Tensor:
+    """Each user's target rank (U,) under the retrieval score <user, item> and `config`'s protocol."""
     model.eval()
     device = next(model.parameters()).device
     table = model.item_table()
@@ -29,7 +34,7 @@ def evaluate(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: 
             user[rows] = model.user_embedding(batch.select(rows))
         return user @ table.T
 
-    return evaluate_scores(scores, data, config, model.config.max_len, batch_size, device)
+    return target_ranks_of(scores, data, config, model.config.max_len, batch_size, device)
 
 
 def popularity_scores(train: Histories, num_items: int) -> Callable[[SequenceBatch], Tensor]:
@@ -38,18 +43,26 @@ def popularity_scores(train: Histories, num_items: int) -> Callable[[SequenceBat
     return lambda batch: counts.to(batch.items.device).expand(batch.batch_size, -1)
 
 
-@torch.no_grad()
 def evaluate_scores(
     scores: Callable[[SequenceBatch], Tensor], data: Split, config: EvalConfig, max_len: int | None = None,
     batch_size: int = 256, device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Leave-one-out metrics of any scorer: histories (B, T) -> scores (B, N+1), under `config`'s protocol."""
+    return metrics_from_ranks(target_ranks_of(scores, data, config, max_len, batch_size, device))
+
+
+@torch.no_grad()
+def target_ranks_of(
+    scores: Callable[[SequenceBatch], Tensor], data: Split, config: EvalConfig, max_len: int | None = None,
+    batch_size: int = 256, device: torch.device | str = "cpu",
+) -> Tensor:
+    """Each user's target rank (U,) (0 = first) under any scorer and `config`'s protocol."""
     generator = torch.Generator().manual_seed(config.seed)
     ranks = []
     for chunk in data.to_batches(batch_size, max_len):
         batch, targets = chunk.history.to(device), chunk.target_items.to(device)
         ranks.append(target_ranks(mask_scores(scores(batch), batch.items, targets, config, generator), targets))
-    return metrics_from_ranks(torch.cat(ranks).cpu())
+    return torch.cat(ranks).cpu()
 
 
 @dataclass(frozen=True)
