@@ -32,7 +32,7 @@ from genrec.training.datasets import Interactions, SyntheticConfig
 from genrec.training.evaluate import evaluate_scores, popularity_scores, retrieval_ranks
 from genrec.training.losses import LossConfig
 from genrec.training.metrics import EvalConfig
-from genrec.training.popularity import PopularityConfig
+from genrec.training.popularity import DAY, PopularityConfig
 from genrec.training.prepare import DataConfig, prepare, run_training
 from genrec.training.sequences import LeaveOneOut, SequenceData
 from genrec.training.trainer import TrainConfig
@@ -88,11 +88,11 @@ def train_one(data: DataConfig, config: TrainConfig, threads: int) -> dict[str, 
     import torch
 
     torch.set_num_threads(threads)
-    metrics = run_training(data, config)
+    prepared = sequences, split, _ = prepare(data)
+    metrics = run_training(data, config, prepared)
     with (Path(config.out) / "metrics.csv").open() as f:
         metrics["curve"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    model, _ = load_checkpoint(Path(config.out) / "checkpoint")
-    sequences, split, _ = prepare(data)
+    model, _ = load_checkpoint(Path(config.out) / "checkpoint")  # the weights the run scored, calibrated
     hits = {protocol: (retrieval_ranks(model, split.test, EvalConfig(protocol=protocol)) < 10).numpy()  # type: ignore[arg-type]
             for protocol in ("full", "sampled")}
     metrics["by_target"] = {
@@ -140,13 +140,14 @@ def target_groupings(sequences: SequenceData, split: LeaveOneOut) -> list[Groupi
     keys = np.sort(sequences.items * span + (sequences.timestamps - origin))
     request = targets * span + test.histories.timestamps[test.histories.offsets[1:] - 1] - origin
     first = targets * span
-    before = np.searchsorted(keys, request) - np.searchsorted(keys, first)
-    recent = np.searchsorted(keys, request) - np.searchsorted(keys, np.maximum(request - RECENT_SECONDS, first))
+    end = np.searchsorted(keys, request)
+    before = end - np.searchsorted(keys, first)
+    recent = end - np.searchsorted(keys, np.maximum(request - RECENT_SECONDS, first))
     share = recent / np.maximum(before, 1)
     shares = (0.0, *RECENT_SHARES, 1.0)
     labels = ("no earlier event", *(f"{lo:g}-{hi:g}" for lo, hi in zip(shares[:-1], shares[1:], strict=True)))
     group = np.where(before == 0, 0, 1 + np.searchsorted(np.array(RECENT_SHARES), share, side="right"))
-    return [popular, Grouping(f"share of the target item's earlier events in the {RECENT_SECONDS // 86_400} days "
+    return [popular, Grouping(f"share of the target item's earlier events in the {RECENT_SECONDS // DAY} days "
                               "before the request", labels, group)]
 
 

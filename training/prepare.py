@@ -87,8 +87,11 @@ def kept_summary(log: Interactions, data: SequenceData, config: PreprocessConfig
             f"{data.tied_share():.0%} of consecutive events share their timestamp")
 
 
-def run_training(data_config: DataConfig, config: TrainConfig) -> dict[str, Any]:
-    data, split, name = prepare(data_config)
+def run_training(
+    data_config: DataConfig, config: TrainConfig, prepared: tuple[SequenceData, LeaveOneOut, str] | None = None
+) -> dict[str, Any]:
+    """Train on `data_config`'s log; `prepared`: what `prepare(data_config)` gave, when the caller has it."""
+    data, split, name = prepared or prepare(data_config)
     data_config.save(Path(config.out) / "checkpoint")
     return train(config, data, split.train, split.valid, split.test, data_name=name)
 

@@ -10,9 +10,8 @@ import pytest
 
 from genrec.benchmarks.quality import main, target_groupings
 from genrec.training.datasets import Interactions
+from genrec.training.popularity import DAY
 from genrec.training.sequences import PreprocessConfig, build_sequences, leave_one_out
-
-DAY = 86_400
 
 
 def test_quick_mode_writes_every_table_and_the_curves(tmp_path: Path) -> None:
