@@ -300,8 +300,9 @@ def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, lis
     sections = [
         Section("Full ranking, history excluded", ["model", *COLUMNS],
                 metric_rows(runs, "full", "two_stage") + references["full"],
-                f"{first['full']}: the target ranked against every item the user has not had (Meta's "
-                "research/data/eval.py and the SASRec papers). HSTU two-stage: retrieve the top "
+                f"{first['full']}: the target ranked against every item the user has not had, in all "
+                "of the history (the SASRec papers' code; Meta's research/data/eval.py leaves out the model's "
+                "most recent max_len events only). HSTU two-stage: retrieve the top "
                 f"{base.retrieve_k} by the user embedding, re-rank them with the cached-K/V scorer; a target "
                 "outside them is a miss. Mean ± sample std over seeds."),
         Section("Sampled (100 negatives)", ["model", *COLUMNS],

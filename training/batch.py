@@ -21,6 +21,10 @@ class SequenceBatch:
     timestamps: Tensor  # (B, T) int64, unix seconds
     actions: Tensor  # (B, T) int64
     lengths: Tensor  # (B,) int64, 1 <= lengths <= T
+    # (B, S) int64: the items of each row's events before its first, right-padded with 0, where the rows were
+    # cut from longer histories (a model's most recent `max_len`, a training window); None: nothing was cut.
+    # No model reads them; they are the user's all the same (`seen_items`).
+    earlier: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -35,19 +39,25 @@ class SequenceBatch:
         positions = torch.arange(self.max_len, device=self.items.device)
         return positions[None, :] < self.lengths[:, None]
 
+    def seen_items(self) -> Tensor:
+        """(B, S + T) every item each row's user has had, padded with 0: the earlier events' and the batch's."""
+        return self.items if self.earlier is None else torch.cat([self.earlier, self.items], dim=1)
+
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(
             self.items.to(device),
             self.timestamps.to(device),
             self.actions.to(device),
             self.lengths.to(device),
+            None if self.earlier is None else self.earlier.to(device),
         )
 
     def select(self, rows: Tensor) -> SequenceBatch:
         """Rows (N,) of the batch, padded only to their own longest."""
         width = int(self.lengths[rows].max())
         return SequenceBatch(
-            self.items[rows, :width], self.timestamps[rows, :width], self.actions[rows, :width], self.lengths[rows]
+            self.items[rows, :width], self.timestamps[rows, :width], self.actions[rows, :width], self.lengths[rows],
+            None if self.earlier is None else self.earlier[rows],
         )
 
     def length_groups(self, max_pairs: int = 1 << 22) -> list[Tensor]:
@@ -65,16 +75,9 @@ class SequenceBatch:
     ) -> SequenceBatch:
         """Values + offsets (as in HSTU / torchrec) -> padded batch. offsets: (B+1,) int64."""
         offsets = np.asarray(offsets, dtype=np.int64)
-        lengths = np.diff(offsets)
-        batch, width = len(lengths), int(lengths.max(initial=0))
-        rows = np.repeat(np.arange(batch), lengths)
-        cols = np.arange(int(offsets[-1]) - int(offsets[0])) - np.repeat(offsets[:-1] - offsets[0], lengths)
-        out = []
-        for values in (items, timestamps, actions):
-            padded = np.zeros((batch, width), dtype=np.int64)
-            padded[rows, cols] = np.asarray(values, dtype=np.int64)[offsets[0] : offsets[-1]]
-            out.append(torch.from_numpy(padded))
-        return SequenceBatch(out[0], out[1], out[2], torch.from_numpy(lengths.astype(np.int64)))
+        lengths = np.diff(offsets).astype(np.int64)
+        return SequenceBatch(right_padded(items, offsets), right_padded(timestamps, offsets),
+                             right_padded(actions, offsets), torch.from_numpy(lengths))
 
     @staticmethod
     def from_lists(
@@ -92,6 +95,17 @@ class SequenceBatch:
             return np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0)
 
         return SequenceBatch.from_jagged(flat(items), flat(timestamps), flat(actions), offsets)
+
+
+def right_padded(values: np.ndarray, offsets: np.ndarray) -> Tensor:
+    """Jagged values (row b is values[offsets[b]:offsets[b + 1]]) -> (B, longest) int64, padded with 0."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(int(offsets[-1]) - int(offsets[0])) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    padded = np.zeros((len(lengths), int(lengths.max(initial=0))), dtype=np.int64)
+    padded[rows, cols] = np.asarray(values, dtype=np.int64)[offsets[0] : offsets[-1]]
+    return torch.from_numpy(padded)
 
 
 def length_groups(

@@ -61,7 +61,7 @@ def target_ranks_of(
     ranks = []
     for chunk in data.to_batches(batch_size, max_len):
         batch, targets = chunk.history.to(device), chunk.target_items.to(device)
-        ranks.append(target_ranks(mask_scores(scores(batch), batch.items, targets, config, generator), targets))
+        ranks.append(target_ranks(mask_scores(scores(batch), batch.seen_items(), targets, config, generator), targets))
     return torch.cat(ranks).cpu()
 
 
@@ -99,7 +99,7 @@ def rerank(model: HSTU, data: Split, config: EvalConfig, retrieve_k: int = 100, 
         for rows in whole.length_groups():
             batch, targets = whole.select(rows), all_targets[rows]
             cache, user = model.prefill(batch)
-            scores = mask_scores(user @ table.T, batch.items, targets, config, generator)
+            scores = mask_scores(user @ table.T, batch.seen_items(), targets, config, generator)
             candidates = scores.topk(retrieve_k, dim=1).indices  # (B, R)
             served = model.score_candidates(cache, user, candidates)[..., 0]
             retrieval = model.retrieval_logits(user, table[candidates])
@@ -132,8 +132,8 @@ def evaluate_scorer_sampled(model: HSTU, data: Split, config: EvalConfig, batch_
     for chunk in data.to_batches(batch_size, model.config.max_len):
         batch, targets = chunk.history.to(device), chunk.target_items.to(device)
         # the draw `evaluate` makes with the same batch size: the same negatives
-        kept = mask_scores(torch.zeros(batch.batch_size, model.config.num_items + 1, device=device), batch.items,
-                           targets, config, generator).isfinite()
+        kept = mask_scores(torch.zeros(batch.batch_size, model.config.num_items + 1, device=device),
+                           batch.seen_items(), targets, config, generator).isfinite()
         candidates = kept.float().topk(min(config.num_sampled_negatives + 1, kept.shape[1]), dim=1).indices
         real = kept.gather(1, candidates)  # a row with fewer eligible items than asked has some padding
         scores = torch.empty(candidates.shape, device=device)

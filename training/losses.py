@@ -121,22 +121,27 @@ def next_events(batch: SequenceBatch, tied: bool) -> tuple[Tensor, Targets]:
 
 @dataclass(frozen=True)
 class SeenItems:
-    """Which items each training position has already had: the events up to and including it."""
+    """Which items each training position has already had: the events up to and including it, and the events
+    before the row (`SequenceBatch.earlier`: a window of a longer history)."""
 
     items: Tensor  # (B, T) the batch's item ids, right-padded with 0
     mask: Tensor  # (B, T) the positions with a target (`next_item_targets`), the loss's rows in order
+    earlier: Tensor | None = None  # (B, S) item ids of the events before each row, right-padded with 0
 
     def among(self, candidates: Tensor) -> Tensor:
         """(M,) item ids -> (P, M) bool: the candidate is in the history of the loss's row p."""
         b, t = self.items.shape
-        steps = torch.arange(t, device=self.items.device).expand(b, t)
-        ids = int(max(int(candidates.max()), int(self.items.max()))) + 1
-        if ids <= t * candidates.numel():  # the whole catalogue (full softmax): each id's first position, scattered
+        items, steps = self.items, torch.arange(t, device=self.items.device).expand(b, t)
+        if self.earlier is not None:  # had before every position: as if at step 0
+            items = torch.cat([self.earlier, items], dim=1)
+            steps = torch.cat([torch.zeros_like(self.earlier), steps], dim=1)
+        ids = int(max(int(candidates.max()), int(items.max()))) + 1
+        if ids <= items.shape[1] * candidates.numel():  # the whole catalogue (full softmax): first positions, scattered
             table = torch.full((b, ids), t, dtype=torch.long, device=steps.device)
-            first = table.scatter_reduce_(1, self.items, steps, "amin")[:, candidates]  # (B, M)
-        else:  # a few negatives of a large catalogue: compare them with the events, B·T·M
-            first = torch.where(self.items[..., None] == candidates, steps[..., None], t).amin(1)
-        return (first[:, None, :] <= steps[0, None, :, None])[self.mask]
+            first = table.scatter_reduce_(1, items, steps, "amin")[:, candidates]  # (B, M)
+        else:  # a few negatives of a large catalogue: compare them with the events, B·(S+T)·M
+            first = torch.where(items[..., None] == candidates, steps[..., None], t).amin(1)
+        return (first[:, None, :] <= torch.arange(t, device=steps.device)[None, :, None])[self.mask]
 
 
 def uses_full_softmax(config: LossConfig, num_items: int) -> bool:
@@ -245,7 +250,7 @@ def ranking_loss(
         retrieval = history_user @ table.T
         retrieval[:, 0] = float("-inf")
         # the user's own items are neither served (recommend excludes the history) nor fair negatives
-        retrieval.scatter_(1, batch.items[rows], float("-inf"))
+        retrieval.scatter_(1, batch.seen_items()[rows], float("-inf"))
         pool = retrieval.topk(min(config.rank_hard_pool, table.shape[0] - 1), dim=1).indices
         pick = torch.randint(0, pool.shape[1], (rows.shape[0], config.rank_hard_negatives), generator=generator)
         hard = pool.gather(1, pick.to(device))

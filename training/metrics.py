@@ -15,8 +15,10 @@ NDCG_KS = (10, 200)
 @dataclass(frozen=True)
 class EvalConfig:
     protocol: Literal["full", "sampled"] = "full"
-    # The papers' protocol (Meta's research/data/eval.py, filter_invalid_ids=True; the SASRec papers): the target
-    # is ranked against every item the user has not had. False keeps the history items in the ranking.
+    # The papers' protocol: the target is ranked against every item the user has not had, in all of the history
+    # (the SASRec code's `rated = set(train[u])`, and what `recommend` leaves out); Meta's research/data/eval.py
+    # (filter_invalid_ids=True) leaves out its model's input, the most recent max_len events, only. False keeps
+    # the history items in the ranking.
     exclude_history: bool = True
     num_sampled_negatives: int = 100  # the SASRec paper's protocol
     seed: int = 0
@@ -48,7 +50,8 @@ def metrics_from_ranks(ranks: Tensor) -> dict[str, float]:
 
 
 def mask_scores(scores: Tensor, history: Tensor, targets: Tensor, config: EvalConfig, generator: torch.Generator) -> Tensor:
-    """Apply the protocol to full-catalogue scores (B, N+1); history (B, T) padded with 0."""
+    """Apply the protocol to full-catalogue scores (B, N+1); history (B, T): every item the user has had (the
+    whole history, not the model's `max_len` cut of it), padded with 0."""
     scores = scores.clone()
     scores[:, 0] = float("-inf")  # padding is never an item
     if config.protocol == "sampled":

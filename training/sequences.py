@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from genrec.training.batch import SequenceBatch
+from genrec.training.batch import SequenceBatch, right_padded
 from genrec.training.datasets import Interactions
 from genrec.training.vocabulary import Vocabulary, action_ids
 
@@ -51,20 +51,31 @@ class Histories:
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
         if max_len is not None:
             starts = np.maximum(starts, ends - max_len)
-        cut = self.slice(rows, starts, ends)
-        return SequenceBatch.from_jagged(cut.items, cut.timestamps, cut.actions, cut.offsets)
+        return self.cut(rows, starts, ends)
 
-    def windows(self, length: int) -> Histories:
-        """Each history as windows of at most `length` events, one row each (the user repeated), counted back
-        from its most recent, each overlapping the next older one by one event: every event after a user's
-        first is the target of exactly one position. Training on these sees the whole log, where cutting a
-        history to its most recent `length` leaves the older events out: a third of an ML-1M log's at 200."""
+    def cut(self, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> SequenceBatch:
+        """Events [starts[i], ends[i]) of user rows[i] (absolute positions) as a batch, the items of the user's
+        events before them as its `earlier`."""
+        part = self.slice(rows, starts, ends)
+        batch = SequenceBatch.from_jagged(part.items, part.timestamps, part.actions, part.offsets)
+        before = starts - self.offsets[rows]
+        if before.any():
+            batch.earlier = right_padded(self.slice(rows, self.offsets[rows], starts).items,
+                                         np.concatenate([[0], np.cumsum(before)]))
+        return batch
+
+    def windows(self, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each history as windows of at most `length` events, counted back from its most recent, each
+        overlapping the next older one by one event: every event after a user's first is the target of exactly
+        one position. Training on these sees the whole log, where cutting a history to its most recent `length`
+        leaves the older events out: a third of an ML-1M log's at 200. Returns each window's row (the user
+        repeated), start and end (absolute positions), for `slice` or `cut`."""
         stride = max(length - 1, 1)
         count = np.maximum(-(-(self.lengths() - 1) // stride), 1)  # ceil((n - 1) / stride), at least one row
         rows = np.repeat(np.arange(len(self)), count)
         back = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)  # 0: the most recent window
         ends = self.offsets[rows + 1] - back * stride
-        return self.slice(rows, np.maximum(self.offsets[rows], ends - length), ends)
+        return rows, np.maximum(self.offsets[rows], ends - length), ends
 
     def to_batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0, max_len: int | None = None
@@ -79,6 +90,8 @@ class Histories:
 class EvalBatch:
     """Histories of B users and the one next event of each that the model must rank first."""
 
+    # cut to the model's most recent `max_len` events; the protocols leave out all its `seen_items`, as
+    # `recommend` leaves out the whole history it is sent
     history: SequenceBatch
     rows: np.ndarray  # (B,) int64 row of each user in its Split
     target_items: Tensor  # (B,) int64 dense ids

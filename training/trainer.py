@@ -194,7 +194,7 @@ class TrainStep(nn.Module):
         else:
             user = self.model.encode(batch)
         table = self.model.item_table()
-        seen = SeenItems(batch.items, mask) if self.loss.exclude_seen else None
+        seen = SeenItems(batch.items, mask, batch.earlier) if self.loss.exclude_seen else None
         terms = {"retrieval": retrieval_loss(user[mask], targets, table, self.loss, generator, seen)}
         if isinstance(self.model, HSTU):
             terms["ranking"] = ranking_loss(self.model, batch, user, cache, self.high_rating, self.loss, generator)
@@ -466,27 +466,28 @@ def test_metrics(model: nn.Module, test: Split, config: TrainConfig) -> dict[str
 def train_set_batches(train_set: Histories, config: TrainConfig, epoch: int) -> list[SequenceBatch]:
     """Shuffled training batches of similar lengths, the same on every DDP rank (each takes its share).
 
-    A history longer than the model's maximum length gives one row per window of it (`Histories.windows`).
+    A history longer than the model's maximum length gives one row per window of it (`Histories.windows`),
+    with the items of the user's events before the window as the batch's `earlier` (the loss leaves them out).
     Rows are shuffled, then sorted by length within spans of 16 batches, so a batch pads to little more than
     its own rows' lengths (attention costs the square of that); the batch order is shuffled again.
     """
-    rows = train_set.windows(config.max_len or PRESETS[config.preset]["max_len"])
+    users, starts, ends = train_set.windows(config.max_len or PRESETS[config.preset]["max_len"])
     rng = np.random.default_rng(config.seed * 7919 + epoch)
-    order = rng.permutation(len(rows))
-    lengths = rows.lengths()
+    order = rng.permutation(len(users))
+    lengths = ends - starts
     span = config.batch_size * 16
     for start in range(0, len(order), span):
         chunk = order[start : start + span]
         order[start : start + span] = chunk[np.argsort(lengths[chunk], kind="stable")]
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    return [rows.batch(batches[i]) for i in rng.permutation(len(batches))]
+    return [train_set.cut(users[b], starts[b], ends[b]) for b in (batches[i] for i in rng.permutation(len(batches)))]
 
 
 def _drop_actions(batch: SequenceBatch, p: float, generator: torch.Generator) -> SequenceBatch:
     if p <= 0:
         return batch
     keep = torch.rand(batch.actions.shape, generator=generator) >= p
-    return SequenceBatch(batch.items, batch.timestamps, batch.actions * keep, batch.lengths)
+    return dataclasses.replace(batch, actions=batch.actions * keep)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

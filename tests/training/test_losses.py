@@ -22,6 +22,7 @@ from genrec.training.losses import (
     uses_full_softmax,
 )
 from genrec.training.sasrec import SASRecConfig
+from genrec.training.sequences import Histories
 
 
 def test_full_softmax_is_cross_entropy_over_every_item_and_never_the_padding() -> None:
@@ -74,6 +75,20 @@ def test_seen_items_are_each_positions_history_and_leave_the_softmax_but_a_repea
     drawn = torch.randint(1, 5, (32,), generator=torch.Generator().manual_seed(0))
     others = int(((drawn == 3) | (drawn == 4)).sum())
     assert loss.item() == pytest.approx(float(torch.log1p(torch.tensor(others * torch.e**-1.0))), abs=1e-5)
+
+
+def test_a_windows_earlier_events_are_seen_at_every_position_of_it() -> None:
+    """A training window of a longer history: the items before it are the user's at each of its positions,
+    whether the candidates are the catalogue (scattered) or a few negatives of a large one (compared)."""
+    items, mask = torch.tensor([[3, 1, 0]]), torch.tensor([[True, False, False]])
+    seen = SeenItems(items, mask, earlier=torch.tensor([[5, 2, 0]]))  # the user had 5 and 2 before the window
+    assert seen.among(torch.arange(1, 7)).tolist() == [[False, True, True, False, True, False]]
+    assert seen.among(torch.tensor([2, 4, 1000])).tolist() == [[True, False, False]]  # ids > S+T * M: compared
+    # a window's batch carries them, and the loss leaves them out
+    histories = Histories(np.array([7]), np.array([0, 4]), np.array([5, 2, 3, 1]), np.arange(4), np.zeros(4, np.int64))
+    batch = histories.cut(np.array([0]), np.array([2]), np.array([4]))
+    assert batch.items.tolist() == [[3, 1]] and batch.earlier is not None and batch.earlier.tolist() == [[5, 2]]
+    assert batch.seen_items().tolist() == [[5, 2, 3, 1]]
 
 
 def test_events_tied_in_time_are_each_a_target_of_the_positions_before_them() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from genrec.training.batch import SequenceBatch
 from genrec.training.evaluate import evaluate_scores, popularity_scores
 from genrec.training.metrics import EvalConfig, mask_scores, metrics_from_ranks, target_ranks
 from genrec.training.sequences import Histories, Split
@@ -134,3 +135,22 @@ def test_the_popularity_baseline_ranks_items_by_their_training_counts() -> None:
     scores = popularity_scores(train, num_items=4)
     assert evaluate_scores(scores, split, EvalConfig())["HR@1"] == 1.0
     assert evaluate_scores(scores, split, EvalConfig(exclude_history=False))["HR@1"] == 0.5
+
+
+@pytest.mark.parametrize("protocol", ["full", "sampled"])
+def test_the_protocols_leave_out_the_whole_history_not_only_the_models_cut(protocol: str) -> None:
+    """A model reads only its most recent `max_len` events; the items before them are still the user's own, so
+    neither protocol ranks them (nor draws them as negatives), as `recommend` leaves out the whole history.
+    The scorer puts the oldest history item (1) first and the target (5) second."""
+    histories = Histories(np.array([1]), np.array([0, 4]), np.array([1, 2, 3, 4]), np.arange(4), np.zeros(4, np.int64))
+    split = Split(histories, np.array([5]), np.array([4]), np.zeros(1, np.int64))
+    order = torch.tensor([0.0, 9.0, 1.0, 1.0, 1.0, 8.0, 0.5, 0.5, 0.5])  # ids 0..8; the history 1-4, target 5
+
+    def scores(batch: SequenceBatch) -> torch.Tensor:
+        assert batch.max_len == 2  # the model's cut
+        return order.expand(batch.batch_size, -1)
+
+    config = EvalConfig(protocol=protocol)  # type: ignore[arg-type]  # sampled: every unseen item is a negative
+    assert evaluate_scores(scores, split, config, max_len=2)["HR@1"] == 1.0
+    kept = evaluate_scores(scores, split, EvalConfig(exclude_history=False), max_len=2)
+    assert kept["HR@1"] == 0.0 and kept["HR@10"] == 1.0  # history kept: item 1 ranks first

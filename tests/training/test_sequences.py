@@ -220,11 +220,17 @@ def test_to_batches_cover_every_user_once() -> None:
 
 def test_windows_make_every_event_after_the_first_a_target_once() -> None:
     data = small_data()  # raw items 0-2, 10-16, 20-23
-    windows = data.histories().windows(3)
+    histories = data.histories()
+    windows = histories.slice(*histories.windows(3))
     rows = [data.item_vocab.to_raw(row).tolist() for row in np.split(windows.items, windows.offsets[1:-1])]
     assert rows == [[0, 1, 2], [14, 15, 16], [12, 13, 14], [10, 11, 12], [21, 22, 23], [20, 21]]
     assert windows.users.tolist() == [data.users[u] for u in (0, 1, 1, 1, 2, 2)]
-    assert data.histories().windows(7).lengths().tolist() == [3, 7, 4]  # short enough: the histories as they are
+    assert histories.slice(*histories.windows(7)).lengths().tolist() == [3, 7, 4]  # short enough: as they are
+    cut = histories.cut(*histories.windows(3))  # each window with the items of the user's events before it
+    assert cut.earlier is not None
+    earlier = [data.item_vocab.to_raw(row[row > 0].numpy()).tolist() for row in cut.earlier]
+    assert earlier == [[], [10, 11, 12, 13], [10, 11], [], [20], []]
+    assert histories.cut(*histories.windows(7)).earlier is None
 
 
 def test_training_batches_cover_the_whole_log(ml100k: SequenceData) -> None:
