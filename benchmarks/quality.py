@@ -218,7 +218,7 @@ def ml1m_epoch_seconds(model: str, batch_size: int) -> tuple[float, int]:
     batches: list[SequenceBatch] = train_set_batches(train, config, epoch=0)
     started = time.monotonic()
     for batch in batches:  # the retrieval objective only, the one both models share
-        mask, targets = next_events(batch, config.loss.tied_targets)
+        mask, targets = next_events(batch, config.loss)
         loss = retrieval_loss(net.encode(batch)[mask], targets, net.item_table(), config.loss, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

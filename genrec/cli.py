@@ -58,7 +58,7 @@ def train_config(args: argparse.Namespace):
 
     return config_from_args(
         TrainConfig, args, loss=LossConfig(kind=args.loss, high_rating=args.high_rating, exclude_seen=not args.keep_history,
-                                      tied_targets=not args.ordered_ties),
+                                      tied_targets=not args.ordered_ties, horizon=args.horizon),
         progress=not args.no_progress, eval=EvalConfig(exclude_history=not args.keep_history),
         popularity=PopularityConfig(enabled=not args.no_popularity),
     )
@@ -109,6 +109,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--ordered-ties", action="store_true",
                    help="take the log's order among a user's events with the same timestamp as real (default: "
                    "they are one set, each a target of the position before them)")
+    g.add_argument("--horizon", type=int, default=5,
+                   help="a position's targets reach this many events ahead, the later ones sharing part of its "
+                   "weight (LossConfig.later_weight); 1: the next event alone, as the papers train")
     g.add_argument("--no-popularity", action="store_true",
                    help="HSTU's ranking head without the candidates' recent-popularity features")
     g.add_argument("--out", type=Path, default=Path("runs/hstu"), help="run folder (checkpoint, metrics.csv)")

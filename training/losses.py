@@ -32,6 +32,12 @@ class LossConfig:
     # position's targets are its next event and the later events tied with it, each weighted 1 / their count,
     # the expected loss over their orders. Without ties it is the next event alone. Only for logs with time.
     tied_targets: bool = True
+    # A position also predicts the events after its next one, up to `horizon` events ahead: its next event (and
+    # those tied with it) keep 1 - `later_weight` of its weight and the later ones share `later_weight`, so the
+    # user embedding also points at what comes a few events on (the dense all-action idea of PinnerFormer,
+    # Pancha et al. 2022). 1: the next event alone, as the HSTU and SASRec papers train.
+    horizon: int = 5
+    later_weight: float = 0.3
     # cut points per batch for the ranking objective, spread evenly over its sequences (>= 1 each); each cut
     # copies its history's K/V, so this bounds the objective's memory whatever the batch size
     rank_cut_points: int = 256
@@ -44,6 +50,12 @@ class LossConfig:
     # its lowest and highest rating: 4 and 5 of MovieLens's 1-5, 8-10 of a 1-10 scale); a log with one rating
     # value (implicit feedback) has none
     high_rating: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be at least 1 (the next event), got {self.horizon}")
+        if not 0 <= self.later_weight < 1:
+            raise ValueError(f"later_weight must be in [0, 1): the next event keeps the rest, got {self.later_weight}")
 
 
 def high_ratings(action_values: np.ndarray, config: LossConfig) -> np.ndarray:
@@ -97,26 +109,35 @@ class Targets:
         return int(self.rows[-1]) + 1 if self.rows.numel() else 0
 
 
-def next_events(batch: SequenceBatch, tied: bool) -> tuple[Tensor, Targets]:
+def next_events(batch: SequenceBatch, config: LossConfig) -> tuple[Tensor, Targets]:
     """The positions with a next event (B, T) (`next_item_targets`) and, per such position in order, its targets:
-    the next event, and with `tied` also every later event with that event's timestamp."""
+    the next event; with `tied_targets` also every later event with that event's timestamp; with a `horizon`
+    above 1 also the events after those up to `horizon` events ahead, weighted as `LossConfig` says."""
     targets, mask = next_item_targets(batch)
-    if not tied:
+    if (not config.tied_targets and config.horizon <= 1) or not bool(mask.any()):
         return mask, Targets.one_each(targets[mask])
     b, t = batch.items.shape
     steps = torch.arange(t, device=mask.device)
-    valid = batch.valid_mask()
-    last_of_run = torch.ones_like(valid)  # an event whose successor is not tied with it
-    last_of_run[:, :-1] = (batch.timestamps[:, 1:] != batch.timestamps[:, :-1]) | ~valid[:, 1:]
-    run_end = torch.where(last_of_run, steps, t).flip(1).cummin(1).values.flip(1)  # (B, T) its run's last event
-    end = torch.full_like(run_end, -1)
-    end[:, :-1] = run_end[:, 1:]  # position i's targets: events i+1 .. the end of event i+1's run
-    k = int((end - steps)[mask].max()) if bool(mask.any()) else 1
+    if config.tied_targets:
+        valid = batch.valid_mask()
+        last_of_run = torch.ones_like(valid)  # an event whose successor is not tied with it
+        last_of_run[:, :-1] = (batch.timestamps[:, 1:] != batch.timestamps[:, :-1]) | ~valid[:, 1:]
+        run_end = torch.where(last_of_run, steps, t).flip(1).cummin(1).values.flip(1)  # (B, T) its run's last event
+        end = torch.full_like(run_end, -1)
+        end[:, :-1] = run_end[:, 1:]  # position i's next events: i+1 .. the end of event i+1's run
+    else:
+        end = (steps + 1).expand(b, t)
+    last = torch.minimum(torch.maximum(end, steps + config.horizon), batch.lengths[:, None] - 1)  # (B, T)
+    k = int((last - steps)[mask].max())
     after = steps[:, None] + 1 + torch.arange(k, device=mask.device)  # (T, K) the events after each position
-    inside = (after[None] <= end[:, :, None])[mask]  # (P, K)
-    rows, column = inside.nonzero(as_tuple=True)
+    following = (after[None] <= end[:, :, None])[mask]  # (P, K) the next events
+    later = ((after[None] > end[:, :, None]) & (after[None] <= last[:, :, None]))[mask]  # (P, K)
+    count = later.sum(1)
+    share = torch.where(count > 0, config.later_weight, 0.0)  # (P,) the later events' part of the row's weight
+    weights = torch.where(following, ((1 - share) / following.sum(1))[:, None], (share / count.clamp(min=1))[:, None])
+    rows, column = (following | later).nonzero(as_tuple=True)  # column 0, the next event, first in each row
     items = batch.items[:, after.clamp(max=t - 1)][mask][rows, column]
-    return mask, Targets(rows, items, (1.0 / inside.sum(1))[rows])
+    return mask, Targets(rows, items, weights[rows, column])
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,7 @@ def uses_full_softmax(config: LossConfig, num_items: int) -> bool:
 def describe_loss(config: LossConfig, num_items: int) -> str:
     seen = ", the history's items left out" if config.exclude_seen else ""
     seen += ", events tied in time as one set of targets" if config.tied_targets else ""
+    seen += f", the events up to {config.horizon} ahead as targets too" if config.horizon > 1 else ""
     if uses_full_softmax(config, num_items):
         return f"full softmax over {num_items:,} items{seen}"
     extra = " and in-batch" if config.in_batch_negatives else ""

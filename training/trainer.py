@@ -188,7 +188,7 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: SequenceBatch, generator: torch.Generator) -> dict[str, Tensor]:
         """Each loss term by name ("retrieval", and "ranking" for HSTU); their sum is what is minimised."""
-        mask, targets = next_events(batch, self.loss.tied_targets)
+        mask, targets = next_events(batch, self.loss)
         if isinstance(self.model, HSTU):
             user, cache = self.model.encode_with_cache(batch)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -91,22 +93,49 @@ def test_a_windows_earlier_events_are_seen_at_every_position_of_it() -> None:
     assert batch.seen_items().tolist() == [[5, 2, 3, 1]]
 
 
+def rows_of(targets: Targets) -> list[list[int]]:
+    rows: list[list[int]] = [[] for _ in range(targets.num_rows)]
+    for row, item in zip(targets.rows.tolist(), targets.items.tolist(), strict=True):
+        rows[row].append(item)
+    return rows
+
+
 def test_events_tied_in_time_are_each_a_target_of_the_positions_before_them() -> None:
     # user 0: items 1, 2 at t=10, then 3, 4, 5 at t=20; user 1: 6, 7 at t=5, 6 (no ties)
     batch = SequenceBatch.from_lists([[1, 2, 3, 4, 5], [6, 7]], [[10, 10, 20, 20, 20], [5, 6]])
-    mask, tied = next_events(batch, tied=True)
+    next_only = LossConfig(horizon=1)
+    mask, tied = next_events(batch, next_only)
     assert mask.tolist() == next_item_targets(batch)[1].tolist()
-    rows: list[list[int]] = [[] for _ in range(tied.num_rows)]
-    for row, item in zip(tied.rows.tolist(), tied.items.tolist(), strict=True):
-        rows[row].append(item)
     # after 1: 2 (its tie); after 2: the next time's 3, 4, 5; after 3: 4 and 5; after 4: 5; after 6: 7
-    assert rows == [[2], [3, 4, 5], [4, 5], [5], [7]]
+    assert rows_of(tied) == [[2], [3, 4, 5], [4, 5], [5], [7]]
     assert tied.weights.tolist() == pytest.approx([1, 1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2, 1, 1])
-    _, untied = next_events(batch, tied=False)
+    _, untied = next_events(batch, replace(next_only, tied_targets=False))
     assert untied.items.tolist() == [2, 3, 4, 5, 7] and untied.rows.tolist() == list(range(5))
     # a log without ties gives the next event alone either way
     strict = SequenceBatch.from_lists([[1, 2, 3], [4, 5]], [[1, 2, 3], [1, 2]])
-    assert next_events(strict, tied=True)[1].items.tolist() == next_events(strict, tied=False)[1].items.tolist()
+    assert next_events(strict, next_only)[1].items.tolist() == next_events(
+        strict, replace(next_only, tied_targets=False))[1].items.tolist()
+
+
+def test_a_horizon_adds_the_later_events_sharing_the_later_weight() -> None:
+    """Up to `horizon` events ahead: the next event (and its ties) keep 1 - later_weight, the later ones share
+    later_weight; a row with no later event keeps all of its weight on the next."""
+    batch = SequenceBatch.from_lists([[1, 2, 3, 4, 5], [6, 7]], [[10, 10, 20, 20, 20], [5, 6]])
+    config = LossConfig(horizon=3, later_weight=0.4)
+    _, targets = next_events(batch, config)
+    # after 1: its tie 2, then 3 and 4 (3 events ahead); after 2: 3, 4, 5 all tied, nothing later; after 3:
+    # 4, 5 tied; after 4: 5; after 6: 7
+    assert rows_of(targets) == [[2, 3, 4], [3, 4, 5], [4, 5], [5], [7]]
+    assert targets.weights.tolist() == pytest.approx([0.6, 0.2, 0.2, 1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2, 1, 1])
+    assert torch.allclose(targets.of_rows(torch.ones_like(targets.weights)), torch.ones(5))
+    assert targets.items[targets.first()].tolist() == [2, 3, 4, 5, 7]  # each row's first pair is its next event
+    _, untied = next_events(batch, replace(config, tied_targets=False))
+    assert rows_of(untied) == [[2, 3, 4], [3, 4, 5], [4, 5], [5], [7]]
+    assert untied.weights.tolist() == pytest.approx([0.6, 0.2, 0.2, 0.6, 0.2, 0.2, 0.6, 0.4, 1, 1])
+    with pytest.raises(ValueError, match="horizon must be at least 1"):
+        LossConfig(horizon=0)
+    with pytest.raises(ValueError, match="later_weight"):
+        LossConfig(later_weight=1.0)
 
 
 @pytest.mark.parametrize("kind", ["full", "sampled"])
