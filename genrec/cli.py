@@ -109,9 +109,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
     g.add_argument("--ordered-ties", action="store_true",
                    help="take the log's order among a user's events with the same timestamp as real (default: "
                    "they are one set, each a target of the position before them)")
-    g.add_argument("--horizon", type=int, default=5,
+    g.add_argument("--horizon", type=int, default=1,
                    help="a position's targets reach this many events ahead, the later ones sharing part of its "
-                   "weight (LossConfig.later_weight); 1: the next event alone, as the papers train")
+                   "weight (LossConfig.later_weight); 1 (default): the next event alone, as the papers train")
     g.add_argument("--no-popularity", action="store_true",
                    help="HSTU's ranking head without the candidates' recent-popularity features")
     g.add_argument("--out", type=Path, default=Path("runs/hstu"), help="run folder (checkpoint, metrics.csv)")
