@@ -29,7 +29,7 @@ import numpy as np
 from genrec.benchmarks.common import RESULTS_DIR, Section, command_line, machine_description, write_markdown
 from genrec.training.checkpoint import load_checkpoint
 from genrec.training.datasets import Interactions, SyntheticConfig
-from genrec.training.evaluate import evaluate_scores, popularity_scores, retrieval_ranks
+from genrec.training.evaluate import ensemble_scorer, evaluate_scores, popularity_scores, retrieval_ranks
 from genrec.training.losses import LossConfig
 from genrec.training.metrics import EvalConfig
 from genrec.training.popularity import DAY, PopularityConfig
@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     quality_minutes = (time.monotonic() - started) / 60
     ml1m = ({name: ml1m_epoch_seconds(name.lower(), TrainConfig.batch_size) for name in args.models}
             if suite.time_ml1m_epoch and not args.quick else {})
-    write_report(out, suite, base, runs, seeds, popularity_baseline(suite.data), ml1m, quality_minutes, machine, args)
+    ensembles = ensemble_rows(suite.data, {name: [configs[name, seed].out for seed in seeds] for name in args.models})
+    write_report(out, suite, base, runs, seeds, popularity_baseline(suite.data), ensembles, ml1m, quality_minutes,
+                 machine, args)
     print(f"in {(time.monotonic() - started) / 60:.1f} min")
     return 0
 
@@ -286,9 +288,30 @@ def popularity_baseline(data: DataConfig) -> dict[str, dict[str, float]]:
             for protocol in ("full", "sampled")}
 
 
+ENSEMBLE_COLUMNS = tuple((protocol, metric) for protocol in ("full", "sampled") for metric in ("HR@10", "NDCG@10"))
+
+
+def ensemble_rows(data: DataConfig, outs: dict[str, list[Path]]) -> list[list[object]]:
+    """Test metrics of the runs' retrieval logits averaged (`ensemble_scorer`): each model's seeds, then every
+    run. A diagnostic, not served: how far less variance between runs would move each figure."""
+    _, split, _ = prepare(data)
+    models = {name: [load_checkpoint(Path(out) / "checkpoint")[0] for out in paths] for name, paths in outs.items()}
+    groups = {f"{name}, {len(ms)} seed(s) averaged": ms for name, ms in models.items()}
+    if len(models) > 1:
+        groups[f"{' + '.join(models)}, all {sum(map(len, models.values()))} runs averaged"] = [
+            model for ms in models.values() for model in ms]
+    rows: list[list[object]] = []
+    for label, ms in groups.items():
+        metrics = {protocol: evaluate_scores(ensemble_scorer(ms), split.test, EvalConfig(protocol=protocol),  # type: ignore[arg-type]
+                                             min(model.config.max_len for model in ms))
+                   for protocol in ("full", "sampled")}
+        rows.append([label, *(f"{metrics[protocol][metric]:.4f}" for protocol, metric in ENSEMBLE_COLUMNS)])
+    return rows
+
+
 def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, list[dict[str, Any]]],
-                 seeds: list[int], popularity: dict[str, dict[str, float]], ml1m: dict[str, tuple[float, int]],
-                 minutes: float, machine: str, args: argparse.Namespace) -> None:
+                 seeds: list[int], popularity: dict[str, dict[str, float]], ensembles: list[list[object]],
+                 ml1m: dict[str, tuple[float, int]], minutes: float, machine: str, args: argparse.Namespace) -> None:
     first_run = next(iter(runs.values()))[0]
     first = first_run["protocol"]
     epochs = [[name, ", ".join(str(r["epochs_run"]) for r in rs), ", ".join(str(r["best_epoch"]) for r in rs),
@@ -320,6 +343,12 @@ def write_report(out: Path, suite: Suite, base: TrainConfig, runs: dict[str, lis
                 "objective is timed but not counted."),
     ]
     sections += target_sections(runs)
+    sections.append(Section(
+        "Runs averaged (diagnostic, not served)", ["runs", *(f"{metric}, {protocol}" for protocol, metric in
+                                                   ENSEMBLE_COLUMNS)], ensembles,
+        "Retrieval logits (<user, item> / temperature) averaged over the runs above, the geometric mean of their "
+        "next-item distributions, under both protocols: how far each figure moves when the variance between "
+        "runs is averaged out. One run can still land above it by chance."))
     if ml1m:
         sections.append(Section(
             "ML-1M-shaped log: one epoch", ["model", "s/epoch", "events trained", "events/s"],

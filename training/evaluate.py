@@ -24,6 +24,13 @@ def evaluate(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: 
 @torch.no_grad()
 def retrieval_ranks(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: int = 256) -> Tensor:
     """Each user's target rank (U,) under the retrieval score <user, item> and `config`'s protocol."""
+    device = next(model.parameters()).device
+    return target_ranks_of(retrieval_scorer(model), data, config, model.config.max_len, batch_size, device)
+
+
+def retrieval_scorer(model: HSTU | SASRec) -> Callable[[SequenceBatch], Tensor]:
+    """Histories (B, T) -> the retrieval logits <user, item> / temperature (B, N+1): the catalogue's log-softmax
+    up to a constant per user, so different models' logits can be averaged (`ensemble_scorer`)."""
     model.eval()
     device = next(model.parameters()).device
     table = model.item_table()
@@ -32,9 +39,15 @@ def retrieval_ranks(model: HSTU | SASRec, data: Split, config: EvalConfig, batch
         user = torch.empty(batch.batch_size, table.shape[1], device=device)
         for rows in batch.length_groups():  # exact either way; bounds the padding and the attention's memory
             user[rows] = model.user_embedding(batch.select(rows))
-        return user @ table.T
+        return user @ table.T / model.config.temperature
 
-    return target_ranks_of(scores, data, config, model.config.max_len, batch_size, device)
+    return scores
+
+
+def ensemble_scorer(models: list[HSTU | SASRec]) -> Callable[[SequenceBatch], Tensor]:
+    """The mean of several models' retrieval logits: the geometric mean of their next-item distributions."""
+    scorers = [retrieval_scorer(model) for model in models]
+    return lambda batch: torch.stack([scores(batch) for scores in scorers]).mean(0)
 
 
 def popularity_scores(train: Histories, num_items: int) -> Callable[[SequenceBatch], Tensor]:

@@ -34,6 +34,14 @@ def test_quick_mode_writes_every_table_and_the_curves(tmp_path: Path) -> None:
             for protocol in ("full", "sampled"):
                 hr = sum(g["users"] * g[protocol] for g in groups.values()) / users
                 assert hr == pytest.approx(run[protocol]["HR@10"])
+    # one seed averaged with itself is that run: the checkpoints reloaded are the models the runs scored
+    table = [line.strip(" |").split(" | ") for line in sections["Runs averaged (diagnostic, not served)"].splitlines()
+             if line.startswith("| ")]
+    averaged = {row[0]: row[1:] for row in table[1:]}  # after the header
+    assert list(averaged) == ["HSTU, 1 seed(s) averaged", "SASRec, 1 seed(s) averaged", "HSTU + SASRec, all 2 runs averaged"]
+    for name in ("HSTU", "SASRec"):
+        assert averaged[f"{name}, 1 seed(s) averaged"] == [
+            f"{runs[name][0][protocol][metric]:.4f}" for protocol in ("full", "sampled") for metric in ("HR@10", "NDCG@10")]
 
 
 def test_targets_are_grouped_by_popularity_and_by_the_share_of_their_events_in_the_last_30_days() -> None:
