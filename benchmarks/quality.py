@@ -296,9 +296,9 @@ def ensemble_rows(data: DataConfig, outs: dict[str, list[Path]]) -> list[list[ob
     run. A diagnostic, not served: how far less variance between runs would move each figure."""
     _, split, _ = prepare(data)
     models = {name: [load_checkpoint(Path(out) / "checkpoint")[0] for out in paths] for name, paths in outs.items()}
-    groups = {f"{name}, {len(ms)} seed(s) averaged": ms for name, ms in models.items()}
+    groups = {f"{name}, {len(ms)} seed{'s' * (len(ms) > 1)} averaged": ms for name, ms in models.items()}
     if len(models) > 1:
-        groups[f"{' + '.join(models)}, all {sum(map(len, models.values()))} runs averaged"] = [
+        groups[f"{' + '.join(models)}, {sum(map(len, models.values()))} runs averaged"] = [
             model for ms in models.values() for model in ms]
     rows: list[list[object]] = []
     for label, ms in groups.items():
