@@ -21,13 +21,13 @@ def evaluate(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: 
     return metrics_from_ranks(retrieval_ranks(model, data, config, batch_size))
 
 
-@torch.no_grad()
 def retrieval_ranks(model: HSTU | SASRec, data: Split, config: EvalConfig, batch_size: int = 256) -> Tensor:
     """Each user's target rank (U,) under the retrieval score <user, item> and `config`'s protocol."""
     device = next(model.parameters()).device
     return target_ranks_of(retrieval_scorer(model), data, config, model.config.max_len, batch_size, device)
 
 
+@torch.no_grad()  # the item table: built once, without a graph, whoever calls
 def retrieval_scorer(model: HSTU | SASRec) -> Callable[[SequenceBatch], Tensor]:
     """Histories (B, T) -> the retrieval logits <user, item> / temperature (B, N+1): the catalogue's log-softmax
     up to a constant per user, so different models' logits can be averaged (`ensemble_scorer`)."""
